@@ -1,0 +1,1 @@
+"""eecompile: equivariant encryption of ONNX models."""

@@ -1,0 +1,1 @@
+"""The compiler passes: normalize, analyze, plan, insert, fold, verify, emit."""

@@ -1,0 +1,1 @@
+"""Client shim and ONNX Runtime sessions."""
