@@ -1,0 +1,97 @@
+"""ONNX export of the zoo models with the dynamo (torch.export) and legacy (TorchScript) exporters."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .feeds import make_feeds, torch_inputs
+from .registry import build_model, check_name, dynamic_axes, input_names, output_names
+
+LEGACY_OPSET: int = 17
+"""Opset used for the legacy TorchScript exporter in :data:`EXPORTERS`."""
+
+EXPORTERS: tuple[tuple[str, int], ...] = (("dynamo", 20), ("dynamo", 23), ("legacy", LEGACY_OPSET))
+"""The (exporter, opset) pairs every zoo model is exported and tested with."""
+
+_EXAMPLE = {"batch": 2, "seq": 3, "past": 4}  # distinct sizes > 1 so no dim gets specialised
+
+
+def example_inputs(name: str) -> tuple[torch.Tensor, ...]:
+    """Example positional torch inputs used for tracing (batch 2, seq 3, past 4)."""
+    return torch_inputs(name, make_feeds(name, seed=0, **_EXAMPLE))
+
+
+def _dynamo_shapes(name: str) -> tuple[dict[int, str], ...]:
+    axes = dynamic_axes(name)
+    return tuple(axes.get(n, {}) for n in input_names(name))
+
+
+def export_model(
+    name: str,
+    path: str | Path,
+    exporter: str = "dynamo",
+    opset: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Export zoo model ``name`` (weights from ``build_model(name, seed)``) to one ``.onnx`` file.
+
+    ``exporter`` is ``"dynamo"`` (``torch.onnx.export(dynamo=True)``, opset >= 18) or
+    ``"legacy"`` (TorchScript exporter, opset 17..20).  The file is self-contained (no
+    external data) and has a dynamic batch axis, plus dynamic sequence / past-sequence axes
+    for the text models.  For ``llama`` with dynamo at opset >= 23 the standard
+    ``RMSNormalization``/``RotaryEmbedding``/``Attention`` ops are emitted; otherwise
+    everything is decomposed into basic ops.  Returns the written path.
+    """
+    check_name(name)
+    if exporter not in ("dynamo", "legacy"):
+        raise ValueError(f"unknown exporter {exporter!r}; expected 'dynamo' or 'legacy'")
+    if exporter == "dynamo" and opset < 18:
+        raise ValueError(f"the dynamo exporter needs opset >= 18, got {opset}")
+    if exporter == "legacy" and not 17 <= opset <= 20:
+        raise ValueError(f"the legacy exporter is used with opset 17..20 here, got {opset}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = build_model(name, seed)
+    if name == "llama":
+        model.standard_ops = exporter == "dynamo" and opset >= 23  # type: ignore[attr-defined]
+    args = example_inputs(name)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            if exporter == "dynamo":
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(raw),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=input_names(name),
+                    output_names=output_names(name),
+                    dynamic_shapes=_dynamo_shapes(name),
+                    external_data=False,
+                    verbose=False,
+                )
+            else:
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=input_names(name),
+                    output_names=output_names(name),
+                    dynamic_axes=dynamic_axes(name),
+                    do_constant_folding=True,
+                )
+        proto = onnx.load(str(raw), load_external_data=True)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    return path
