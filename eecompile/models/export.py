@@ -28,9 +28,27 @@ def example_inputs(name: str) -> tuple[torch.Tensor, ...]:
     return torch_inputs(name, make_feeds(name, seed=0, **_EXAMPLE))
 
 
-def _dynamo_shapes(name: str) -> tuple[dict[int, str], ...]:
+def _dynamo_shapes(name: str) -> tuple[object, ...]:
+    """``dynamic_shapes`` for torch.export; llama's ``*past_key_values`` form one nested tuple."""
     axes = dynamic_axes(name)
-    return tuple(axes.get(n, {}) for n in input_names(name))
+    specs = [axes.get(n, {}) for n in input_names(name)]
+    if name == "llama":
+        return (*specs[:3], tuple(specs[3:]))
+    return tuple(specs)
+
+
+def _rename_output_dims(proto: onnx.ModelProto, name: str) -> None:
+    """Give graph outputs the symbolic dim names of :func:`dynamic_axes`.
+
+    torch.export names derived output dims by expression (``"past_sequence + sequence"``);
+    this makes e.g. ``present.*`` axis 2 read ``total_sequence`` like ``attention_mask``.
+    """
+    axes = dynamic_axes(name)
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, sym in axes.get(out.name, {}).items():
+            if axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_param = sym
 
 
 def export_model(
@@ -93,5 +111,6 @@ def export_model(
                     do_constant_folding=True,
                 )
         proto = onnx.load(str(raw), load_external_data=True)
+    _rename_output_dims(proto, name)
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path

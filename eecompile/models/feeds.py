@@ -10,13 +10,17 @@ from torch import nn
 
 from .registry import check_name, input_names, model_config, output_names
 
-BATCH_LIMITS: dict[tuple[str, str, int], int] = {
-    # ONNX Runtime's CPU kernel for RotaryEmbedding-23 (fed 4-D [B, H, S, D] inputs and
-    # per-batch 3-D cos/sin caches) returns wrong values for batch > 1, so the opset-23
-    # llama export is only exercised with batch 1.
-    ("llama", "dynamo", 23): 1,
-}
-"""Largest batch that ONNX Runtime (CPU) evaluates correctly, per (model, exporter, opset)."""
+BATCH_LIMITS: dict[tuple[str, str, int], int] = {}
+"""Largest batch that ONNX Runtime (CPU) evaluates correctly, per (model, exporter, opset).
+
+Absent key = no limit.  Older ONNX Runtime builds were reported to compute
+``RotaryEmbedding-23`` wrongly on the CPU provider for batch > 1, which would limit
+``("llama", "dynamo", 23)`` to batch 1.  With onnxruntime 1.32.0 (the version this zoo is
+tested with) that does not reproduce: 4-D ``[B, H, S, D]`` and 3-D inputs, 3-D per-batch
+cos/sin caches and 2-D caches with ``position_ids`` all match torch at batch 1, 2 and 3,
+so the table is empty.  Add an entry here if a runtime/provider needs one; the zoo tests
+read it.
+"""
 
 
 def make_feeds(
@@ -33,10 +37,10 @@ def make_feeds(
     * ``past_key_values.{i}.key|value`` (llama): float32 ``N(0, 1)``,
       ``[batch, kv_heads, past, head_dim]`` (``past`` may be 0).
 
-    ``seq`` and ``past`` are ignored by models without those axes.  Some exports only run
-    correctly in ONNX Runtime at a limited batch size (see :data:`BATCH_LIMITS`: the
-    opset-23 llama with ``RotaryEmbedding-23`` needs ``batch=1`` on the CPU provider);
-    callers pick ``batch`` accordingly.
+    ``seq`` and ``past`` are ignored by models without those axes.  Some runtimes evaluate
+    an export correctly only at a limited batch size; callers pick ``batch`` within
+    :data:`BATCH_LIMITS` (e.g. the opset-23 llama's ``RotaryEmbedding-23`` was reported
+    to need ``batch=1`` on older ONNX Runtime CPU builds; not needed with 1.32.0).
     """
     check_name(name)
     cfg = model_config(name)
