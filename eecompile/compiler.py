@@ -1,0 +1,132 @@
+"""The compiler pipeline: normalize → analyze → plan → insert → fold → verify → emit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from eecompile.errors import OutputDirError
+from eecompile.keys import MasterKey, load_key
+from eecompile.passes.analyze import Analysis, analyze
+from eecompile.passes.fold import fold
+from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
+from eecompile.passes.insert import insert
+from eecompile.passes.normalize import normalize
+from eecompile.passes.plan import plan
+from eecompile.passes.verify import VerifyResult, check_structure, verify_equivalence
+from eecompile.report import build_report, render_markdown
+from eecompile.runtime.client import Client
+
+ARTIFACTS = ("server", "client", "report.json", "report.md")
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile_model` produced."""
+
+    out_dir: Path
+    server_model: Path
+    client_dir: Path
+    report: dict
+    verification: VerifyResult
+
+
+def _analysed(model_path: str | Path) -> tuple[ModelGraph, Analysis, object]:
+    model = load_model(model_path)
+    mg = ModelGraph(infer_shapes(model))
+    normalized = normalize(mg)
+    mg = ModelGraph(infer_shapes(mg.export()))
+    return mg, analyze(mg), normalized
+
+
+def lint_model(model_path: str | Path) -> dict:
+    """The lint report of a model (no key needed): what each space can be protected by."""
+    _, analysis, normalized = _analysed(model_path)
+    return build_report(analysis, normalized, Path(model_path).name)
+
+
+def prepare_out_dir(out_dir: str | Path, force: bool) -> Path:
+    """Create ``out_dir``; refuse a non-empty one unless ``force`` (then only our artifacts are replaced)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"output path {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputDirError(f"output directory {out} is not empty (use --force to replace its eecompile artifacts)")
+        for name in ARTIFACTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def model_id(server_dir: Path) -> str:
+    """SHA-256 over the server folder's files: binds a client bundle to one compilation."""
+    digest = hashlib.sha256()
+    for path in sorted(server_dir.iterdir()):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_server(model: onnx.ModelProto, server_dir: Path) -> Path:
+    server_dir.mkdir(parents=True, exist_ok=True)
+    path = server_dir / "model.onnx"
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
+                  force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None) -> CompileResult:
+    """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md)."""
+    if not isinstance(key, MasterKey):
+        key = load_key(key)
+    mg, analysis, normalized = _analysed(model_path)
+    out = prepare_out_dir(out_dir, force)
+    bases = plan(analysis, key)
+    boundary = insert(analysis, bases)
+    fold(analysis, bases)
+    server_model = mg.export()
+    check_structure(server_model)
+    with tempfile.TemporaryDirectory(dir=out) as staging:
+        staging = Path(staging)
+        server_path = _save_server(server_model, staging / "server")
+        client = Client(boundary, model_id(staging / "server"))
+        client.save(staging / "client", extra={"key_fingerprint": key.fingerprint()},
+                    input_types=_elem_types(server_model.graph.input),
+                    output_types=_elem_types(server_model.graph.output))
+        if verify:
+            result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds)
+        else:
+            result = VerifyResult(False, None, "skipped by request")
+        report = build_report(analysis, normalized, Path(model_path).name, boundary)
+        report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
+                                  "detail": result.detail}
+        report["key_fingerprint"] = key.fingerprint()
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "report.md").write_text(render_markdown(report))
+        for name in ARTIFACTS:
+            os.replace(staging / name, out / name)
+    return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)
+
+
+def _elem_types(values) -> dict[str, int]:
+    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}

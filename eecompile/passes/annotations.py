@@ -1,0 +1,53 @@
+"""What the analysis knows about one tensor: which axis is protected, by which spaces.
+
+* :class:`Protected` — a float tensor whose ``axis`` is expressed in a secret basis. Without
+  a head axis the axis is the concatenation (direct sum) of the blocks ``refs``; with a
+  ``head_axis``, index ``h`` of that axis uses block ``refs[h]`` for the whole feature axis.
+* :class:`IndexValues` — an integer tensor whose *values* index a permuted space
+  (token ids, ArgMax of permuted logits).
+* :class:`Squares` — ``x ** 2`` of a protected tensor: only its sum over ``axis`` is
+  basis-free, for orthogonal bases (the RMS-norm pattern).
+
+A tensor with no annotation (``None``) is in clear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from eecompile.passes.spaces import Ref
+
+
+@dataclass(frozen=True)
+class Protected:
+    """A tensor whose ``axis`` carries the blocks ``refs`` (see module docstring)."""
+
+    axis: int
+    refs: tuple[Ref, ...]
+    head_axis: int | None = None
+
+    def moved(self, axis: int, head_axis: int | None = None) -> "Protected":
+        """The same protection on other axis positions."""
+        return replace(self, axis=axis, head_axis=head_axis)
+
+    def shifted(self, offset: int) -> "Protected":
+        """Axes shifted by ``offset`` (broadcasting to a higher rank)."""
+        head = None if self.head_axis is None else self.head_axis + offset
+        return Protected(self.axis + offset, self.refs, head)
+
+
+@dataclass(frozen=True)
+class IndexValues:
+    """An integer tensor whose values are indices into the permuted space ``ref``."""
+
+    ref: Ref
+
+
+@dataclass(frozen=True)
+class Squares:
+    """Elementwise squares of a protected tensor; basis-free only after summing over its axis."""
+
+    source: Protected
+
+
+Annotation = Protected | IndexValues | Squares | None

@@ -1,0 +1,214 @@
+"""State shared by the op rules: annotations during analysis, bases during folding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes.annotations import Annotation, IndexValues, Protected, Squares
+from eecompile.passes.basis import AxisBasis, Basis
+from eecompile.passes.graph import ModelGraph
+from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable
+
+
+class AnalysisContext:
+    """What an op rule sees while the analysis walks the graph."""
+
+    def __init__(self, mg: ModelGraph, spaces: SpaceTable | None = None) -> None:
+        self.mg = mg
+        self.spaces = spaces or SpaceTable()
+        self.ann: dict[str, Annotation] = {}
+        self.unsupported: list[gs.Node] = []
+
+    # -- lookups -------------------------------------------------------------------------
+    def get(self, tensor: gs.Tensor | None) -> Annotation:
+        """The annotation of a tensor (None: clear, constant, or missing)."""
+        if tensor is None or not tensor.name:
+            return None
+        return self.ann.get(tensor.name)
+
+    def set(self, tensor: gs.Tensor, ann: Annotation) -> None:
+        """Record the annotation of an output tensor."""
+        if not tensor.name:
+            return
+        if ann is None:
+            self.ann.pop(tensor.name, None)
+            return
+        self.ann[tensor.name] = ann
+        for ref in self.refs_of(ann):
+            self.spaces.note_tensor(ref, tensor.name)
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """Value of a constant input, else None."""
+        return self.mg.const(tensor)
+
+    def shape(self, tensor: gs.Tensor) -> list | None:
+        """Shape of a tensor (ints, symbols or None), None when unknown."""
+        return self.mg.shape(tensor)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        """Rank of a tensor, None when unknown."""
+        return self.mg.rank(tensor)
+
+    @staticmethod
+    def limit(node: gs.Node, reason: str) -> Limit:
+        """A limit record naming ``node``."""
+        return Limit(node.name, node.op, reason)
+
+    # -- spaces --------------------------------------------------------------------------
+    def fresh(self, node: gs.Node, tensor: gs.Tensor, axis: int, size: int) -> Protected:
+        """A new protected annotation with one fresh space on ``axis``."""
+        ref = self.spaces.new(f"{node.name or node.op}:{tensor.name}", size, node.name)
+        return Protected(axis, (ref,))
+
+    def blocks(self, prot: Protected) -> tuple[Ref, ...]:
+        """The current (split-resolved) blocks of a flat protected axis."""
+        return self.spaces.expand(prot.refs)
+
+    def head_refs(self, prot: Protected) -> tuple[Ref, ...]:
+        """Per-head references of a headed annotation, roots resolved (not expanded)."""
+        return tuple(self.spaces.find(r) for r in prot.refs)
+
+    def refs_of(self, ann: Annotation) -> tuple[Ref, ...]:
+        """Every space reference an annotation mentions."""
+        if isinstance(ann, Protected):
+            return ann.refs
+        if isinstance(ann, IndexValues):
+            return (ann.ref,)
+        if isinstance(ann, Squares):
+            return ann.source.refs
+        return ()
+
+    def restrict(self, ann: Annotation, cls: BasisClass, node: gs.Node, reason: str) -> None:
+        """Restrict every space of ``ann`` to ``cls``."""
+        for ref in self.refs_of(ann):
+            self.spaces.restrict(ref, cls, self.limit(node, reason))
+
+    def clear(self, ann: Annotation, node: gs.Node, reason: str) -> None:
+        """Force every space of ``ann`` to clear."""
+        self.restrict(ann, BasisClass.CLEAR, node, reason)
+
+    def clear_all(self, node: gs.Node, reason: str, tensors: Iterable[gs.Tensor] | None = None) -> None:
+        """Clear the spaces of all (or the given) inputs of ``node``; outputs become clear."""
+        for tensor in node.inputs if tensors is None else tensors:
+            self.clear(self.get(tensor), node, reason)
+        for out in node.outputs:
+            self.set(out, None)
+
+    def unify(self, a: Protected, b: Protected, node: gs.Node, reason: str) -> bool:
+        """Require two annotations on the same axis layout to share their bases."""
+        limit = self.limit(node, reason)
+        if (a.head_axis is None) != (b.head_axis is None):
+            return False
+        if a.head_axis is not None:
+            if len(a.refs) != len(b.refs):
+                return False
+            for ra, rb in zip(a.refs, b.refs):
+                self.spaces.union(ra, rb, limit)
+            return True
+        cuts_a, cuts_b = self.cuts(a), self.cuts(b)
+        if cuts_a[-1] != cuts_b[-1]:
+            return False
+        cuts = sorted(set(cuts_a) | set(cuts_b))
+        ra = self.spaces.refine(a.refs, cuts)
+        rb = self.spaces.refine(b.refs, cuts)
+        for x, y in zip(ra, rb):
+            self.spaces.union(x, y, limit)
+        return True
+
+    def cuts(self, prot: Protected) -> list[int]:
+        """Cumulative block boundaries of a flat protected axis."""
+        out, offset = [], 0
+        for ref in self.blocks(prot):
+            offset += self.spaces.size(ref)
+            out.append(offset)
+        return out
+
+    def axis_size(self, prot: Protected) -> int:
+        """Size of the protected feature axis."""
+        if prot.head_axis is not None:
+            return self.spaces.size(prot.refs[0])
+        return sum(self.spaces.size(r) for r in self.blocks(prot))
+
+
+class FoldContext:
+    """What an op rule sees while folding: annotations and the planned bases."""
+
+    def __init__(self, mg: ModelGraph, ann: dict[str, Annotation], spaces: SpaceTable,
+                 bases: dict[int, Basis]) -> None:
+        self.mg = mg
+        self.ann = ann
+        self.spaces = spaces
+        self.bases = bases
+        self._dual_cache: dict[int, Basis] = {}
+
+    def get(self, tensor: gs.Tensor | None) -> Annotation:
+        """The annotation of a tensor."""
+        if tensor is None or not tensor.name:
+            return None
+        return self.ann.get(tensor.name)
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """Value of a constant input, else None."""
+        return self.mg.const(tensor)
+
+    def basis(self, ref: Ref) -> Basis:
+        """The concrete basis of one (unsplit) space reference."""
+        root = self.spaces.find(ref)
+        leaf = self.spaces.leaves[root.space]
+        if leaf.children:
+            raise ValueError("basis() of a split space; use axis_basis")
+        base = self.bases[root.space]
+        if not root.dual:
+            return base
+        if root.space not in self._dual_cache:
+            self._dual_cache[root.space] = base.dual()
+        return self._dual_cache[root.space]
+
+    def axis_basis(self, prot: Protected | Iterable[Ref]) -> AxisBasis:
+        """The block-diagonal basis of a flat axis."""
+        refs = prot.refs if isinstance(prot, Protected) else tuple(prot)
+        return AxisBasis(tuple(self.basis(r) for r in self.spaces.expand(refs)))
+
+    def head_bases(self, prot: Protected) -> list[AxisBasis]:
+        """Per-head bases of a headed annotation."""
+        return [self.axis_basis((r,)) for r in prot.refs]
+
+    def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        """Replace constant input ``index`` of ``node`` with ``value`` (its dtype kept)."""
+        tensor = node.inputs[index]
+        dtype = np.asarray(tensor.values).dtype
+        tensor.values = np.ascontiguousarray(np.asarray(value).astype(dtype))
+
+
+def apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, rank: int,
+                  transform: str = "right") -> np.ndarray:
+    """Express a broadcastable constant in the basis of ``prot`` (output coordinates of rank ``rank``).
+
+    ``transform`` is ``right`` (c @ T), ``inverse`` (c @ T^-1), ``dual`` (c @ T^-T) or ``perm``
+    (only the permutation of a monomial basis: a per-coordinate gain of a monomial space). The
+    constant is broadcast along the protected (and head) axis when needed.
+    """
+    array = np.asarray(array, dtype=np.float64)
+    array = array.reshape((1,) * (rank - array.ndim) + array.shape)
+    pick = {"right": lambda b: b, "inverse": lambda b: b.inverse(), "dual": lambda b: b.dual(),
+            "perm": lambda b: AxisBasis(tuple(_perm_only(x) for x in b.blocks))}[transform]
+    if prot.head_axis is None:
+        return pick(ctx.axis_basis(prot)).right(array, prot.axis)
+    heads = len(prot.refs)
+    shape = list(array.shape)
+    shape[prot.head_axis] = heads
+    array = np.broadcast_to(array, shape)
+    parts = []
+    for h, basis in enumerate(ctx.head_bases(prot)):
+        part = np.take(array, [h], axis=prot.head_axis)
+        parts.append(pick(basis).right(part, prot.axis))
+    return np.concatenate(parts, axis=prot.head_axis)
+
+
+def _perm_only(basis: Basis) -> Basis:
+    if basis.dense is not None:
+        raise ValueError("a per-coordinate constant needs a monomial basis")
+    return Basis(basis.size, perm=basis.perm)

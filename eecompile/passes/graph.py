@@ -1,0 +1,104 @@
+"""Loading an ONNX model into an editable graph, with shapes and constant access."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from eecompile.errors import ModelFileError
+
+Dim = int | str | None
+
+
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, failing with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise ModelFileError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference with data propagation; the model unchanged when it fails."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        try:
+            return onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return model
+
+
+class ModelGraph:
+    """An onnx-graphsurgeon graph with lookups the passes need."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.opset_imports = {o.domain or "": o.version for o in model.opset_import}
+        self.graph: gs.Graph = gs.import_onnx(model)
+        self.graph.toposort()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.tensors: dict[str, gs.Tensor] = self.graph.tensors()
+        self.input_names = [t.name for t in self.graph.inputs]
+        self.output_names = [t.name for t in self.graph.outputs]
+
+    def refresh(self) -> None:
+        """Re-read the tensor map after the graph was edited."""
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        self._refresh()
+
+    @property
+    def nodes(self) -> list[gs.Node]:
+        """Nodes in topological order."""
+        return list(self.graph.nodes)
+
+    def const(self, tensor: gs.Tensor | str | None) -> np.ndarray | None:
+        """The value of a constant tensor, or None for activations and missing inputs."""
+        if tensor is None:
+            return None
+        if isinstance(tensor, str):
+            tensor = self.tensors.get(tensor)
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        return None
+
+    def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
+        """Static or symbolic shape of a tensor, None when unknown."""
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.values.shape)
+        if tensor.shape is None:
+            return None
+        return [d if isinstance(d, (int, str)) else None for d in tensor.shape]
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        """Rank of a tensor, None when unknown."""
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def is_float(self, tensor: gs.Tensor) -> bool:
+        """Whether the tensor holds floating-point values."""
+        dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+        if dtype is None:
+            return False
+        try:
+            return np.issubdtype(np.dtype(dtype), np.floating)
+        except TypeError:
+            return False
+
+    def export(self) -> onnx.ModelProto:
+        """The graph as an ONNX model (opset imports preserved)."""
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        del model.opset_import[:]
+        for domain, version in sorted(self.opset_imports.items()):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        return model

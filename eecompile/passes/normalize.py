@@ -1,0 +1,154 @@
+"""Pass 1 — normalize: canonical forms that keep the function and help the analysis.
+
+* Constant nodes become initializers; Transpose of an initializer is folded (this unties
+  a tied LM head from its embedding, a V×d copy that the report states).
+* SliceGPT-style gain folding: a per-coordinate gain (a norm's scale, a Mul by a constant
+  vector) whose every consumer is a linear layer is multiplied into those weights and
+  replaced by ones, so the normalised space may take an orthogonal basis.
+* Initializers with several consumers are cloned, so each can be folded on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes.graph import ModelGraph
+
+NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+
+
+@dataclass
+class NormalizeResult:
+    """What normalize changed, for the report."""
+
+    constants_lifted: int = 0
+    transposes_folded: list[str] = field(default_factory=list)
+    gains_folded: list[str] = field(default_factory=list)
+    clones: int = 0
+
+
+def normalize(mg: ModelGraph) -> NormalizeResult:
+    """Rewrite ``mg`` in place into the canonical form the analysis expects."""
+    result = NormalizeResult()
+    _fold_static_shapes(mg)
+    _lift_constants(mg, result)
+    _fold_constant_transposes(mg, result)
+    mg.refresh()
+    _fold_gains(mg, result)
+    _clone_shared(mg, result)
+    mg.refresh()
+    return result
+
+
+def _fold_static_shapes(mg: ModelGraph) -> None:
+    """Constant-fold subgraphs that depend only on constants and static dimensions."""
+    try:
+        mg.graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=1 << 20)
+    except Exception:  # graphsurgeon's folding is an optimisation; the analysis copes without it
+        return
+    mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def _lift_constants(mg: ModelGraph, result: NormalizeResult) -> None:
+    for node in mg.nodes:
+        if node.op != "Constant" or "value" not in node.attrs:
+            continue
+        out = node.outputs[0]
+        value = node.attrs["value"]
+        values = value.values if isinstance(value, gs.Constant) else np.asarray(value)
+        const = gs.Constant(out.name, np.asarray(values))
+        if out in mg.graph.outputs:
+            continue
+        _replace_uses(out, const)
+        node.outputs.clear()
+        result.constants_lifted += 1
+
+
+def _replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
+def _fold_constant_transposes(mg: ModelGraph, result: NormalizeResult) -> None:
+    for node in mg.nodes:
+        if node.op != "Transpose" or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        out = node.outputs[0]
+        if out in mg.graph.outputs:
+            continue
+        src = np.asarray(node.inputs[0].values)
+        perm = node.attrs.get("perm", list(range(src.ndim - 1, -1, -1)))
+        const = gs.Constant(f"{out.name}_folded", np.ascontiguousarray(np.transpose(src, perm)))
+        _replace_uses(out, const)
+        node.outputs.clear()
+        result.transposes_folded.append(node.inputs[0].name)
+
+
+def _linear_consumer(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether ``node`` multiplies ``tensor``'s last axis by a constant 2-D weight."""
+    if node.op == "MatMul" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
+        return np.asarray(node.inputs[1].values).ndim == 2
+    if node.op == "Gemm" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
+        return not node.attrs.get("transA", 0)
+    return False
+
+
+def _scale_rows(node: gs.Node, gain: np.ndarray) -> None:
+    weight = np.asarray(node.inputs[1].values)
+    trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    scaled = weight * gain[None, :] if trans else weight * gain[:, None]
+    node.inputs[1] = gs.Constant(f"{node.inputs[1].name}_g", scaled.astype(weight.dtype))
+
+
+def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
+    outputs = set(id(t) for t in mg.graph.outputs)
+    for node in mg.nodes:
+        if node.op in NORM_OPS:
+            gain_index, out = 1, node.outputs[0]
+        elif node.op == "Mul":
+            gain_index = next((i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)), None)
+            out = node.outputs[0]
+            if gain_index is None:
+                continue
+        else:
+            continue
+        if len(node.inputs) <= gain_index or not isinstance(node.inputs[gain_index], gs.Constant):
+            continue
+        gain = np.asarray(node.inputs[gain_index].values)
+        if gain.ndim != 1 or gain.size < 2 or np.all(gain == 1) or np.any(gain == 0):
+            continue
+        if node.op == "Mul" and (node.inputs[1 - gain_index].shape is None
+                                 or node.inputs[1 - gain_index].shape[-1] != gain.size):
+            continue
+        consumers = list(out.outputs)
+        if not consumers or id(out) in outputs or not all(_linear_consumer(c, out) for c in consumers):
+            continue
+        g64 = gain.astype(np.float64)
+        for consumer in consumers:
+            _scale_rows(consumer, g64)
+        if node.op == "LayerNormalization" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            bias = np.asarray(node.inputs[2].values)
+            node.inputs[2] = gs.Constant(f"{node.inputs[2].name}_g", (bias / g64).astype(bias.dtype))
+        node.inputs[gain_index] = gs.Constant(f"{node.inputs[gain_index].name}_ones", np.ones_like(gain))
+        result.gains_folded.append(node.name)
+
+
+def _clone_shared(mg: ModelGraph, result: NormalizeResult) -> None:
+    seen: dict[int, int] = {}
+    for node in mg.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if not isinstance(tensor, gs.Constant):
+                continue
+            values = np.asarray(tensor.values)
+            if values.size < 2 or not np.issubdtype(values.dtype, np.floating):
+                continue
+            count = seen.get(id(tensor), 0)
+            seen[id(tensor)] = count + 1
+            if count:
+                node.inputs[i] = gs.Constant(f"{tensor.name}_clone{count}", values.copy())
+                result.clones += 1

@@ -1,0 +1,189 @@
+"""MatMul, Gemm and Conv: any invertible basis on input and output, folded into the weight.
+
+``W' = T_in^{-1} · W · T_out`` for a constant weight; for two activations (attention)
+the contracted axes must be dual (``T_B = T_A^{-T}``) and the free axes pass through.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from eecompile.passes.annotations import Annotation, Protected
+from eecompile.passes.context import AnalysisContext, FoldContext
+from eecompile.passes.rules import register
+from eecompile.passes.rules.base import OpRule
+
+
+class MatMulRule(OpRule):
+    """MatMul with a constant 2-D weight, or of two activations (Q·Kᵀ, P·V)."""
+
+    op_types = ("MatMul",)
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        weight = ctx.const(node.inputs[1])
+        rank = ctx.rank(node.inputs[0])
+        if index == 0 and weight is not None and weight.ndim == 2 and rank:
+            return ctx.fresh(node, node.inputs[0], rank - 1, int(weight.shape[0]))
+        return None
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        a_t, b_t = node.inputs[:2]
+        y_t = node.outputs[0]
+        a, b = ctx.get(a_t), ctx.get(b_t)
+        ra, rb, ry = ctx.rank(a_t), ctx.rank(b_t), ctx.rank(y_t)
+        weight_b, weight_a = ctx.const(b_t), ctx.const(a_t)
+        if ra is None or rb is None or ry is None:
+            ctx.clear_all(node, "unknown ranks")
+            return
+        if weight_b is not None and weight_b.ndim == 2:
+            out = None
+            if isinstance(a, Protected):
+                if a.head_axis is None and a.axis == ra - 1:
+                    pass  # folded into the weight's rows
+                elif a.axis == ra - 2 and ra >= 2:
+                    out = a.shifted(ry - ra)
+                else:
+                    ctx.clear(a, node, "protected axis is not the contracted or row axis")
+            elif a is not None:
+                ctx.clear(a, node, "unsupported annotation on MatMul input")
+            if out is None:
+                out = ctx.fresh(node, y_t, ry - 1, int(weight_b.shape[1]))
+            ctx.set(y_t, out)
+            return
+        if weight_a is not None:
+            if isinstance(b, Protected) and b.axis == rb - 1:
+                ctx.set(y_t, b.shifted(ry - rb))
+            else:
+                ctx.clear(b, node, "a constant left operand mixes the protected axis")
+                ctx.set(y_t, None)
+            return
+        self._two_activations(node, ctx, a, b, ra, rb, ry)
+
+    @staticmethod
+    def _two_activations(node: gs.Node, ctx: AnalysisContext, a: Annotation, b: Annotation,
+                         ra: int, rb: int, ry: int) -> None:
+        a_contracted = isinstance(a, Protected) and a.axis == ra - 1
+        b_contracted = isinstance(b, Protected) and b.axis == rb - 2
+        if a_contracted and b_contracted:
+            ok = False
+            if a.head_axis is None and b.head_axis is None:
+                ok = ctx.unify(a, Protected(b.axis, tuple(r.flipped() for r in b.refs)), node,
+                               "contracted axes of a product of activations must be dual")
+            elif (a.head_axis is not None and b.head_axis is not None
+                  and a.head_axis - ra == b.head_axis - rb and len(a.refs) == len(b.refs)):
+                limit = ctx.limit(node, "per-head dual bases (scores stay clear)")
+                for ra_, rb_ in zip(a.refs, b.refs):
+                    ctx.spaces.union(ra_, rb_.flipped(), limit)
+                ok = True
+            if not ok:
+                ctx.clear(a, node, "cannot pair contracted axes")
+                ctx.clear(b, node, "cannot pair contracted axes")
+        else:
+            if a_contracted:
+                ctx.clear(a, node, "contracted with a clear operand")
+            if b_contracted:
+                ctx.clear(b, node, "contracted with a clear operand")
+        out = None
+        a_rows = isinstance(a, Protected) and not a_contracted and a.axis == ra - 2
+        b_cols = isinstance(b, Protected) and not b_contracted and b.axis == rb - 1
+        if a_rows and b_cols:
+            ctx.clear(a, node, "only one protected axis per tensor is tracked")
+        elif a_rows:
+            out = a.shifted(ry - ra)
+        if b_cols:
+            out = b.shifted(ry - rb)
+        for ann, used in ((a, a_contracted or a_rows), (b, b_contracted or b_cols)):
+            if isinstance(ann, Protected) and not used:
+                ctx.clear(ann, node, "protected batch axis in a product of activations")
+        ctx.set(node.outputs[0], out)
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        weight = ctx.const(node.inputs[1])
+        if weight is None or weight.ndim != 2:
+            return
+        a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
+        ra, ry = ctx.mg.rank(node.inputs[0]), ctx.mg.rank(node.outputs[0])
+        w = weight.astype("float64")
+        if isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1:
+            w = ctx.axis_basis(a).dual().right(w, 0)
+        if isinstance(y, Protected) and y.head_axis is None and y.axis == ry - 1:
+            w = ctx.axis_basis(y).right(w, 1)
+        ctx.set_const(node, 1, w)
+
+
+class GemmRule(OpRule):
+    """Gemm ``alpha·A·B + beta·C`` with constant B (and C)."""
+
+    op_types = ("Gemm",)
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        weight = ctx.const(node.inputs[1])
+        if index == 0 and weight is not None and not node.attrs.get("transA", 0):
+            k = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
+            return ctx.fresh(node, node.inputs[0], 1, int(k))
+        return None
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        weight = ctx.const(node.inputs[1])
+        a = ctx.get(node.inputs[0])
+        if weight is None or node.attrs.get("transA", 0):
+            ctx.clear_all(node, "Gemm without a constant B, or with transA")
+            return
+        if a is not None and not (isinstance(a, Protected) and a.axis == 1 and a.head_axis is None):
+            ctx.clear(a, node, "protected axis is not Gemm's contracted axis")
+        n = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
+        ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(n)))
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        weight = ctx.const(node.inputs[1])
+        if weight is None:
+            return
+        trans_b = bool(node.attrs.get("transB", 0))
+        w = (weight.T if trans_b else weight).astype("float64")
+        a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
+        if isinstance(a, Protected) and a.axis == 1 and a.head_axis is None:
+            w = ctx.axis_basis(a).dual().right(w, 0)
+        if isinstance(y, Protected):
+            w = ctx.axis_basis(y).right(w, 1)
+            c = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
+            if c is not None:
+                ctx.set_const(node, 2, ctx.axis_basis(y).right(c.reshape(c.shape or (1,)), -1))
+        ctx.set_const(node, 1, w.T if trans_b else w)
+
+
+class ConvRule(OpRule):
+    """Conv with group 1: any invertible basis on in/out channels (axis 1)."""
+
+    op_types = ("Conv",)
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        weight = ctx.const(node.inputs[1])
+        if index == 0 and weight is not None and node.attrs.get("group", 1) == 1:
+            return ctx.fresh(node, node.inputs[0], 1, int(weight.shape[1]))
+        return None
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        weight = ctx.const(node.inputs[1])
+        x = ctx.get(node.inputs[0])
+        if weight is None or node.attrs.get("group", 1) != 1:
+            ctx.clear_all(node, "grouped/depthwise Conv or non-constant weight (only group=1 is folded)")
+            return
+        if x is not None and not (isinstance(x, Protected) and x.axis == 1 and x.head_axis is None):
+            ctx.clear(x, node, "protected axis is not the channel axis")
+        ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(weight.shape[0])))
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        weight = ctx.const(node.inputs[1])
+        x, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
+        w = weight.astype("float64")
+        if isinstance(y, Protected):
+            w = ctx.axis_basis(y).right(w, 0)
+            if len(node.inputs) > 2 and ctx.const(node.inputs[2]) is not None:
+                ctx.set_const(node, 2, ctx.axis_basis(y).right(ctx.const(node.inputs[2]), 0))
+        if isinstance(x, Protected) and x.axis == 1:
+            w = ctx.axis_basis(x).dual().right(w, 1)
+        ctx.set_const(node, 1, w)
+
+
+for _rule in (MatMulRule(), GemmRule(), ConvRule()):
+    register(_rule)

@@ -1,0 +1,379 @@
+"""Layout ops: the protected axis follows Transpose/Unsqueeze/Squeeze/Expand/Reshape; a
+Reshape into (heads, head_dim) makes the basis block-diagonal, one block per head; Split,
+Slice and Concat along the axis make it a direct sum of the parts' bases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes.annotations import Annotation, Protected
+from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
+from eecompile.passes.rules import register
+from eecompile.passes.rules.base import OpRule
+
+Dims = list[int | str | None]
+
+
+def _axes_input(node: gs.Node, ctx: AnalysisContext, index: int = 1) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > index and node.inputs[index].name:
+        value = ctx.const(node.inputs[index])
+        return None if value is None else [int(a) for a in np.atleast_1d(value)]
+    return None
+
+
+class TransposeRule(OpRule):
+    """Transpose: the protected and head axes move with the permutation."""
+
+    op_types = ("Transpose",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        if not isinstance(x, Protected):
+            ctx.clear_all(node, "transpose of a non-feature annotation") if x is not None else ctx.set(node.outputs[0], None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+        head = None if x.head_axis is None else perm.index(x.head_axis)
+        ctx.set(node.outputs[0], x.moved(perm.index(x.axis), head))
+
+
+class UnsqueezeRule(OpRule):
+    """Unsqueeze: axes shift around the inserted ones."""
+
+    op_types = ("Unsqueeze",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        axes, rank_out = _axes_input(node, ctx), ctx.rank(y)
+        if not isinstance(x, Protected) or axes is None or rank_out is None:
+            ctx.clear_all(node, "Unsqueeze with unknown axes", node.inputs[:1])
+            return
+        inserted = sorted(a % rank_out for a in axes)
+        kept = [i for i in range(rank_out) if i not in inserted]
+        head = None if x.head_axis is None else kept[x.head_axis]
+        ctx.set(y, x.moved(kept[x.axis], head))
+
+
+class SqueezeRule(OpRule):
+    """Squeeze: axes shift; squeezing the protected axis itself clears it."""
+
+    op_types = ("Squeeze",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        axes = _axes_input(node, ctx)
+        shape = ctx.shape(node.inputs[0])
+        if axes is None and shape is not None:
+            axes = [i for i, d in enumerate(shape) if d == 1]
+        if not isinstance(x, Protected) or axes is None or rank is None:
+            ctx.clear_all(node, "Squeeze with unknown axes", node.inputs[:1])
+            return
+        removed = sorted(a % rank for a in axes)
+        if x.axis in removed or x.head_axis in removed:
+            ctx.clear_all(node, "squeezes the protected axis", node.inputs[:1])
+            return
+        def shift(a: int) -> int:
+            return a - sum(1 for r in removed if r < a)
+        ctx.set(y, x.moved(shift(x.axis), None if x.head_axis is None else shift(x.head_axis)))
+
+
+class ExpandRule(OpRule):
+    """Expand/Tile-free broadcast: the protected axis keeps its size and moves with the rank."""
+
+    op_types = ("Expand",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if not isinstance(x, Protected):
+            ctx.clear_all(node, "expand of a non-feature annotation", node.inputs[:1]) if x is not None else ctx.set(y, None)
+            return
+        rank_in, rank_out = ctx.rank(node.inputs[0]), ctx.rank(y)
+        if rank_in is None or rank_out is None:
+            ctx.clear_all(node, "unknown ranks", node.inputs[:1])
+            return
+        ctx.set(y, x.shifted(rank_out - rank_in))
+
+
+def _signature(dims: Dims, start: int, stop: int) -> tuple | None:
+    symbols, product = [], 1
+    for d in dims[start:stop]:
+        if d is None:
+            return None
+        if isinstance(d, str):
+            symbols.append(d)
+        else:
+            product *= d
+    return (tuple(sorted(symbols)), product)
+
+
+def _aligned(din: Dims, i: int, dout: Dims, j: int) -> bool:
+    """Whether the boundary before input axis ``i`` maps to the one before output axis ``j``."""
+    pre_in, pre_out = _signature(din, 0, i), _signature(dout, 0, j)
+    if pre_in is not None and pre_in == pre_out:
+        return True
+    suf_in, suf_out = _signature(din, i, len(din)), _signature(dout, j, len(dout))
+    return suf_in is not None and suf_in == suf_out
+
+
+def reshape_annotation(ctx: AnalysisContext, x: Protected, din: Dims, dout: Dims) -> Annotation | bool:
+    """Where ``x`` goes through a reshape ``din -> dout``; False when it cannot be followed."""
+    a, h = x.axis, x.head_axis
+    n = ctx.axis_size(x)
+    for b in range(len(dout)):
+        if h is None:
+            if dout[b] == n and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
+                return x.moved(b)
+            if (b + 1 < len(dout) and isinstance(dout[b], int) and isinstance(dout[b + 1], int)
+                    and dout[b] * dout[b + 1] == n and dout[b] > 1
+                    and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 2)):
+                blocks = ctx.spaces.refine(x.refs, [dout[b + 1] * (k + 1) for k in range(dout[b])])
+                return Protected(b + 1, blocks, head_axis=b)
+        else:
+            heads = len(x.refs)
+            if h == a - 1 and dout[b] == heads * n and _aligned(din, h, dout, b) and _aligned(din, a + 1, dout, b + 1):
+                return Protected(b, tuple(x.refs))
+    if h is not None:
+        head_to = feat_to = None
+        repeat = 1
+        for b in range(len(dout)):
+            if dout[b] == din[h] and _aligned(din, h, dout, b) and _aligned(din, h + 1, dout, b + 1):
+                head_to = b
+            elif (h + 1 < len(din) and h + 1 != a and isinstance(din[h + 1], int) and isinstance(din[h], int)
+                  and dout[b] == din[h] * din[h + 1] and _aligned(din, h, dout, b) and _aligned(din, h + 2, dout, b + 1)):
+                head_to, repeat = b, din[h + 1]
+            if dout[b] == n and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
+                feat_to = b
+        if head_to is not None and feat_to is not None:
+            refs = tuple(r for r in x.refs for _ in range(repeat))
+            return Protected(feat_to, refs, head_axis=head_to)
+    return False
+
+
+def _target_shape(node: gs.Node, ctx: AnalysisContext, din: Dims) -> Dims | None:
+    dout = ctx.shape(node.outputs[0])
+    if dout is not None and all(d is not None for d in dout):
+        return dout
+    target = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        return dout
+    dims: Dims = []
+    for i, t in enumerate(target.tolist()):
+        if t == 0 and not node.attrs.get("allowzero", 0):
+            dims.append(din[i] if i < len(din) else None)
+        elif t == -1:
+            dims.append(dout[i] if dout is not None else None)
+        else:
+            dims.append(int(t))
+    return dims
+
+
+class ReshapeRule(OpRule):
+    """Reshape/Flatten: follow the axis, split it into heads, or merge heads back."""
+
+    op_types = ("Reshape", "Flatten")
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        din = ctx.shape(node.inputs[0])
+        if not isinstance(x, Protected) or din is None:
+            ctx.clear_all(node, "reshape of a tensor with unknown shape", node.inputs[:1])
+            return
+        if node.op == "Flatten":
+            dout = ctx.shape(y) or [None, None]
+        else:
+            dout = _target_shape(node, ctx, din)
+        result = reshape_annotation(ctx, x, din, dout) if dout is not None else False
+        if result is False:
+            ctx.clear_all(node, f"cannot follow the protected axis through {list(din)} -> {dout}", node.inputs[:1])
+            return
+        ctx.set(y, result)
+
+
+def _slice_params(node: gs.Node, ctx: AnalysisContext):
+    starts, ends = ctx.const(node.inputs[1]), ctx.const(node.inputs[2])
+    axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+    steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    return starts, ends, axes, steps
+
+
+class SliceRule(OpRule):
+    """Slice: along another axis the annotation follows; along the axis it keeps whole blocks."""
+
+    op_types = ("Slice",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        if not isinstance(x, Protected) or rank is None:
+            ctx.clear_all(node, "slice of a non-feature annotation", node.inputs[:1])
+            return
+        starts, ends, axes, steps = _slice_params(node, ctx)
+        if axes is None and starts is not None:
+            axes = np.arange(len(starts))
+        if axes is None:
+            ctx.clear_all(node, "slice with computed axes", node.inputs[:1])
+            return
+        axes = [int(a) % rank for a in np.atleast_1d(axes)]
+        if x.axis not in axes and x.head_axis not in axes:
+            ctx.set(y, x)
+            return
+        if starts is None or ends is None or (steps is not None and np.any(steps != 1)):
+            ctx.clear_all(node, "slice of the protected axis with computed bounds", node.inputs[:1])
+            return
+        i = axes.index(x.axis) if x.axis in axes else axes.index(x.head_axis)
+        if x.head_axis is not None and x.axis in axes:
+            ctx.clear_all(node, "slice inside attention heads", node.inputs[:1])
+            return
+        total = len(x.refs) if x.axis not in axes else ctx.axis_size(x)
+        lo, hi = int(starts[i]), int(ends[i])
+        lo, hi = (lo + total if lo < 0 else lo), (hi + total if hi < 0 else hi)
+        lo, hi = max(0, min(lo, total)), max(0, min(hi, total))
+        if x.axis not in axes:  # slicing heads
+            ctx.set(y, Protected(x.axis, x.refs[lo:hi], x.head_axis))
+            return
+        blocks = ctx.spaces.refine(x.refs, [lo, hi])
+        offset, kept = 0, []
+        for ref in blocks:
+            if lo <= offset < hi:
+                kept.append(ref)
+            offset += ctx.spaces.size(ref)
+        ctx.set(y, Protected(x.axis, tuple(kept)) if kept else None)
+
+
+class SplitRule(OpRule):
+    """Split: along the protected axis each output gets its blocks (fused QKV)."""
+
+    op_types = ("Split",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        if x is None:
+            for out in node.outputs:
+                ctx.set(out, None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        if not isinstance(x, Protected) or rank is None:
+            ctx.clear_all(node, "split of a non-feature annotation", node.inputs[:1])
+            return
+        axis = int(node.attrs.get("axis", 0)) % rank
+        if axis != x.axis and axis != x.head_axis:
+            for out in node.outputs:
+                ctx.set(out, x)
+            return
+        sizes = node.attrs.get("split")
+        if sizes is None and len(node.inputs) > 1 and node.inputs[1].name:
+            value = ctx.const(node.inputs[1])
+            sizes = None if value is None else value.tolist()
+        total = ctx.axis_size(x) if axis == x.axis else len(x.refs)
+        if sizes is None:
+            parts = len(node.outputs)
+            sizes = [-(-total // parts)] * (parts - 1)
+            sizes.append(total - sum(sizes))
+        cuts = list(np.cumsum(sizes))
+        if axis == x.head_axis:
+            starts = [0, *cuts[:-1]]
+            for out, lo, hi in zip(node.outputs, starts, cuts):
+                ctx.set(out, Protected(x.axis, x.refs[lo:hi], x.head_axis))
+            return
+        if x.head_axis is not None:
+            ctx.clear_all(node, "split inside attention heads", node.inputs[:1])
+            return
+        blocks = ctx.spaces.refine(x.refs, cuts)
+        offset, part, groups = 0, 0, [[] for _ in sizes]
+        for ref in blocks:
+            while offset >= cuts[part]:
+                part += 1
+            groups[part].append(ref)
+            offset += ctx.spaces.size(ref)
+        for out, group in zip(node.outputs, groups):
+            ctx.set(out, Protected(x.axis, tuple(group)))
+
+
+class ConcatRule(OpRule):
+    """Concat: along the axis a direct sum; along another axis all operands share the basis."""
+
+    op_types = ("Concat",)
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        axis = int(node.attrs.get("axis", 0))
+        for t in node.inputs:
+            ann = ctx.get(t)
+            rank = ctx.rank(t)
+            if isinstance(ann, Protected) and rank and axis % rank not in (ann.axis, ann.head_axis):
+                return ann
+        return None
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        y = node.outputs[0]
+        anns = [ctx.get(t) for t in node.inputs]
+        prot = [a for a in anns if isinstance(a, Protected)]
+        if not prot:
+            if any(a is not None for a in anns):
+                ctx.clear_all(node, "concat of non-feature annotations")
+            else:
+                ctx.set(y, None)
+            return
+        rank = ctx.rank(y)
+        axis = int(node.attrs.get("axis", 0)) % rank
+        first = prot[0]
+        if axis == first.axis and first.head_axis is None:
+            refs = []
+            for t, ann in zip(node.inputs, anns):
+                if isinstance(ann, Protected) and ann.axis == axis and ann.head_axis is None:
+                    refs.extend(ctx.blocks(ann))
+                else:
+                    ctx.clear(ann, node, "concatenated with a clear part")
+                    shape = ctx.shape(t)
+                    if shape is None or not isinstance(shape[axis], int):
+                        ctx.clear_all(node, "concat part of unknown size")
+                        return
+                    part = ctx.spaces.new(f"{node.name}:{t.name}", shape[axis], node.name)
+                    ctx.spaces.clear(part, ctx.limit(node, "clear part of a concatenation"))
+                    refs.append(part)
+            ctx.set(y, Protected(axis, tuple(refs)))
+            return
+        for t, ann in zip(node.inputs, anns):
+            if ann is None and ctx.const(t) is not None:
+                continue
+            if not (isinstance(ann, Protected) and ctx.unify(first, ann, node, "concatenated operands share one basis")):
+                for other in anns:
+                    ctx.clear(other, node, "concat of protected and clear activations")
+                ctx.set(y, None)
+                return
+        ctx.set(y, first)
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        y = ctx.get(node.outputs[0])
+        rank = ctx.mg.rank(node.outputs[0])
+        if not isinstance(y, Protected):
+            return
+        for index, t in enumerate(node.inputs):
+            value = ctx.const(t)
+            if value is not None and ctx.get(t) is None and y.axis != int(node.attrs.get("axis", 0)) % rank:
+                ctx.set_const(node, index, apply_on_axis(ctx, value, y, rank, "right"))
+
+
+for _rule in (TransposeRule(), UnsqueezeRule(), SqueezeRule(), ExpandRule(), ReshapeRule(),
+              SliceRule(), SplitRule(), ConcatRule()):
+    register(_rule)

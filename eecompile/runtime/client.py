@@ -1,0 +1,243 @@
+"""The client shim: encrypt inputs, decrypt outputs — in numpy, and as two ONNX models.
+
+A bundle directory holds ``manifest.json`` (format, version, the server model's id, one
+entry per input/output), ``transforms.npz`` (the boundary bases, never the master key),
+``encrypt.onnx`` and ``decrypt.onnx`` (the same transforms for any ONNX Runtime binding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from eecompile.errors import BundleError, FeedError
+from eecompile.passes.basis import AxisBasis, Basis
+from eecompile.passes.insert import BoundarySpec, BoundaryTransform
+
+BUNDLE_FORMAT = "eecompile-client"
+BUNDLE_VERSION = 1
+
+
+# -- numpy transforms --------------------------------------------------------------------
+def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray:
+    if t.kind in ("clear", "state"):
+        return value
+    if t.kind == "index":
+        perm = t.index.index_map()
+        table = perm if inverse else np.argsort(perm)
+        ids = np.asarray(value)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
+            raise FeedError(f"'{t.name}' holds ids outside [0, {len(table)})")
+        return table[ids].astype(ids.dtype)
+    dtype = value.dtype
+    array = np.asarray(value, dtype=np.float64)
+    axis = t.axis % array.ndim
+    if array.shape[axis] != t.heads[0].size:
+        raise FeedError(f"'{t.name}' has size {array.shape[axis]} on axis {axis}; the model expects {t.heads[0].size}")
+    if t.head_axis is None:
+        basis = t.heads[0].inverse() if inverse else t.heads[0]
+        return basis.right(array, axis).astype(dtype)
+    parts = []
+    for h, basis in enumerate(t.heads):
+        part = np.take(array, [h], axis=t.head_axis)
+        parts.append((basis.inverse() if inverse else basis).right(part, axis))
+    return np.concatenate(parts, axis=t.head_axis).astype(dtype)
+
+
+class Client:
+    """Encrypts feeds and decrypts outputs for one compiled model."""
+
+    def __init__(self, spec: BoundarySpec, model_id: str = "") -> None:
+        self.spec = spec
+        self.model_id = model_id
+        self._inputs = {t.name: t for t in spec.inputs}
+        self._outputs = {t.name: t for t in spec.outputs}
+
+    @property
+    def state_inputs(self) -> list[str]:
+        """Inputs that are server-side state (passed through as ciphertext)."""
+        return [t.name for t in self.spec.inputs if t.kind == "state"]
+
+    @property
+    def state_outputs(self) -> list[str]:
+        """Outputs that are server-side state (returned as ciphertext)."""
+        return [t.name for t in self.spec.outputs if t.kind == "state"]
+
+    def encrypt(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Plaintext feeds → ciphertext feeds (state inputs pass through)."""
+        unknown = sorted(set(feeds) - set(self._inputs))
+        if unknown:
+            raise FeedError(f"unknown input name(s) {unknown}; the model's inputs are {sorted(self._inputs)}")
+        return {name: _apply(self._inputs[name], np.asarray(v), inverse=False) for name, v in feeds.items()}
+
+    def decrypt(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ciphertext outputs → plaintext outputs (state outputs pass through)."""
+        unknown = sorted(set(outputs) - set(self._outputs))
+        if unknown:
+            raise FeedError(f"unknown output name(s) {unknown}; the model's outputs are {sorted(self._outputs)}")
+        return {name: _apply(self._outputs[name], np.asarray(v), inverse=True) for name, v in outputs.items()}
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None,
+             input_types: dict[str, int] | None = None, output_types: dict[str, int] | None = None) -> Path:
+        """Write the bundle (manifest, arrays, encrypt.onnx, decrypt.onnx) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        entries = {"inputs": [], "outputs": []}
+        for side, transforms in (("inputs", self.spec.inputs), ("outputs", self.spec.outputs)):
+            for i, t in enumerate(transforms):
+                entry = {"name": t.name, "kind": t.kind, "protection": t.protection}
+                prefix = f"{side}.{i}"
+                if t.kind == "axis":
+                    entry.update(axis=t.axis, head_axis=t.head_axis, rank=t.rank, heads=[])
+                    for h, axis_basis in enumerate(t.heads):
+                        entry["heads"].append([_store_basis(b, f"{prefix}.h{h}.b{j}", arrays)
+                                               for j, b in enumerate(axis_basis.blocks)])
+                elif t.kind == "index":
+                    entry["index"] = _store_basis(t.index, f"{prefix}.index", arrays)
+                entries[side].append(entry)
+        manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model_id": self.model_id,
+                    **(extra or {}), **entries}
+        with open(directory / "transforms.npz", "wb") as fh:
+            np.savez(fh, **arrays)
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        onnx.save(build_client_model(self.spec.inputs, "encrypt", input_types or {}), str(directory / "encrypt.onnx"))
+        onnx.save(build_client_model(self.spec.outputs, "decrypt", output_types or {}), str(directory / "decrypt.onnx"))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Client":
+        """Load a client bundle, failing with one clear line if it is missing or corrupt."""
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise BundleError(f"no client bundle at {directory} (manifest.json missing)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"client bundle manifest {manifest_path} is corrupt ({exc})") from None
+        if manifest.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{manifest_path} is not an eecompile client bundle")
+        if manifest.get("version") != BUNDLE_VERSION:
+            raise BundleError(f"client bundle {directory} has version {manifest.get('version')}; "
+                              f"this eecompile reads version {BUNDLE_VERSION}")
+        try:
+            with np.load(directory / "transforms.npz") as data:
+                arrays = {k: data[k] for k in data.files}
+            spec = BoundarySpec(*[[_load_entry(e, arrays) for e in manifest[side]] for side in ("inputs", "outputs")])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise BundleError(f"client bundle {directory} is corrupt ({type(exc).__name__}: {exc})") from None
+        return cls(spec, manifest.get("model_id", ""))
+
+
+def _store_basis(basis: Basis, prefix: str, arrays: dict[str, np.ndarray]) -> dict:
+    entry = {"size": basis.size}
+    if basis.dense is not None:
+        arrays[f"{prefix}.dense"] = basis.dense
+        entry["dense"] = f"{prefix}.dense"
+    if basis.perm is not None:
+        arrays[f"{prefix}.perm"] = basis.perm
+        entry["perm"] = f"{prefix}.perm"
+    if basis.scale is not None:
+        arrays[f"{prefix}.scale"] = basis.scale
+        entry["scale"] = f"{prefix}.scale"
+    return entry
+
+
+def _load_basis(entry: dict, arrays: dict[str, np.ndarray]) -> Basis:
+    return Basis(int(entry["size"]), dense=arrays[entry["dense"]] if "dense" in entry else None,
+                 perm=arrays[entry["perm"]] if "perm" in entry else None,
+                 scale=arrays[entry["scale"]] if "scale" in entry else None)
+
+
+def _load_entry(entry: dict, arrays: dict[str, np.ndarray]) -> BoundaryTransform:
+    t = BoundaryTransform(entry["name"], entry["kind"])
+    if t.kind == "axis":
+        t.axis, t.head_axis, t.rank = entry["axis"], entry["head_axis"], entry["rank"]
+        t.heads = [AxisBasis(tuple(_load_basis(b, arrays) for b in head)) for head in entry["heads"]]
+    elif t.kind == "index":
+        t.index = _load_basis(entry["index"], arrays)
+    return t
+
+
+# -- the same transforms as ONNX ---------------------------------------------------------
+def _flat(axis_basis: AxisBasis, inverse: bool) -> Basis:
+    """One basis for the whole axis: monomial when every block is, dense otherwise."""
+    blocks = [b.inverse() if inverse else b for b in axis_basis.blocks]
+    if all(b.dense is None for b in blocks):
+        perm, scale, offset = [], [], 0
+        for b in blocks:
+            perm.append(b.index_map() + offset)
+            scale.append(b.scale if b.scale is not None else np.ones(b.size))
+            offset += b.size
+        return Basis.monomial(np.concatenate(perm), np.concatenate(scale))
+    return Basis(axis_basis.size, dense=AxisBasis(tuple(blocks)).right(np.eye(axis_basis.size), 1))
+
+
+def build_client_model(transforms: list[BoundaryTransform], direction: str,
+                       elem_types: dict[str, int]) -> onnx.ModelProto:
+    """An ONNX model applying the transforms (``encrypt`` forward, ``decrypt`` inverse).
+
+    Inputs keep the boundary names; outputs are named ``<name>_encrypted`` /
+    ``<name>_decrypted``. Inputs with several heads are encoded with one MatMul per head.
+    """
+    inverse = direction == "decrypt"
+    suffix = "_decrypted" if inverse else "_encrypted"
+    nodes, inits, inputs, outputs = [], [], [], []
+    for i, t in enumerate(transforms):
+        elem = elem_types.get(t.name, TensorProto.INT64 if t.kind == "index" else TensorProto.FLOAT)
+        inputs.append(helper.make_tensor_value_info(t.name, elem, None))
+        out = t.name + suffix
+        outputs.append(helper.make_tensor_value_info(out, elem, None))
+        p = f"t{i}"
+        if t.kind == "index":
+            perm = t.index.index_map()
+            table = perm if inverse else np.argsort(perm)
+            inits.append(numpy_helper.from_array(table.astype(np.int64), f"{p}_table"))
+            nodes.append(helper.make_node("Gather", [f"{p}_table", t.name], [out], axis=0))
+        elif t.kind == "axis" and t.head_axis is None:
+            basis = _flat(t.heads[0], inverse)
+            nodes.extend(_axis_nodes(basis, t.name, out, t.axis, t.rank, p, inits, elem))
+        elif t.kind == "axis":
+            parts = []
+            for h, axis_basis in enumerate(t.heads):
+                idx = f"{p}_h{h}_idx"
+                inits.append(numpy_helper.from_array(np.array([h], dtype=np.int64), idx))
+                nodes.append(helper.make_node("Gather", [t.name, idx], [f"{p}_h{h}_in"], axis=t.head_axis))
+                nodes.extend(_axis_nodes(_flat(axis_basis, inverse), f"{p}_h{h}_in", f"{p}_h{h}_out",
+                                         t.axis, t.rank, f"{p}_h{h}", inits, elem))
+                parts.append(f"{p}_h{h}_out")
+            nodes.append(helper.make_node("Concat", parts, [out], axis=t.head_axis))
+        else:
+            nodes.append(helper.make_node("Identity", [t.name], [out]))
+    graph = helper.make_graph(nodes, f"eecompile_{direction}", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _axis_nodes(basis: Basis, src: str, dst: str, axis: int, rank: int, p: str, inits: list,
+                elem: int) -> list:
+    """Nodes computing ``src @ T`` along ``axis`` of a rank-``rank`` tensor."""
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    if basis.dense is None:
+        inits.append(numpy_helper.from_array(basis.index_map().astype(np.int64), f"{p}_perm"))
+        shape = [1] * rank
+        shape[axis] = basis.size
+        scale = basis.scale if basis.scale is not None else np.ones(basis.size)
+        inits.append(numpy_helper.from_array(scale.reshape(shape).astype(np_dtype), f"{p}_scale"))
+        return [helper.make_node("Gather", [src, f"{p}_perm"], [f"{p}_g"], axis=axis),
+                helper.make_node("Mul", [f"{p}_g", f"{p}_scale"], [dst])]
+    inits.append(numpy_helper.from_array(basis.dense.astype(np_dtype), f"{p}_matrix"))
+    if axis == rank - 1:
+        return [helper.make_node("MatMul", [src, f"{p}_matrix"], [dst])]
+    order = [i for i in range(rank) if i != axis] + [axis]
+    back = [order.index(i) for i in range(rank)]
+    return [helper.make_node("Transpose", [src], [f"{p}_t"], perm=order),
+            helper.make_node("MatMul", [f"{p}_t", f"{p}_matrix"], [f"{p}_m"]),
+            helper.make_node("Transpose", [f"{p}_m"], [dst], perm=back)]
