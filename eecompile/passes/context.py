@@ -20,7 +20,7 @@ class AnalysisContext:
         self.mg = mg
         self.spaces = spaces or SpaceTable()
         self.ann: dict[str, Annotation] = {}
-        self.unsupported: list[gs.Node] = []
+        self.shape_overrides: dict[str, list] = {}
 
     # -- lookups -------------------------------------------------------------------------
     def get(self, tensor: gs.Tensor | None) -> Annotation:
@@ -46,7 +46,41 @@ class AnalysisContext:
 
     def shape(self, tensor: gs.Tensor) -> list | None:
         """Shape of a tensor (ints, symbols or None), None when unknown."""
+        if tensor.name in self.shape_overrides:
+            return self.shape_overrides[tensor.name]
         return self.mg.shape(tensor)
+
+    def partial_values(self, tensor: gs.Tensor) -> list[int | None] | None:
+        """Element values of a small 1-D integer tensor where they are constant (shape tensors)."""
+        value = self.const(tensor)
+        if value is not None:
+            return [int(v) for v in np.atleast_1d(value)]
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None:
+            return None
+        if producer.op in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return self.partial_values(producer.inputs[0])
+        if producer.op == "Concat":
+            out: list[int | None] = []
+            for part in producer.inputs:
+                shape = self.shape(part)
+                values = self.partial_values(part)
+                if values is None:
+                    if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                        return None
+                    values = [None] * shape[0]
+                out.extend(values)
+            return out
+        if producer.op in ("Equal", "Where"):
+            parts = [self.partial_values(t) for t in producer.inputs]
+            if any(p is None for p in parts):
+                return None
+            width = max(len(p) for p in parts)
+            parts = [p * width if len(p) == 1 else p for p in parts]
+            if producer.op == "Equal":
+                return [None if a is None or b is None else int(a == b) for a, b in zip(*parts)]
+            return [None if c is None else (x if c else y) for c, x, y in zip(*parts)]
+        return None
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         """Rank of a tensor, None when unknown."""

@@ -28,7 +28,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation; the model unchanged when it fails."""
+    """ONNX shape inference with data propagation (stale value_info dropped first).
+
+    Returns the model unchanged when inference fails.
+    """
+    del model.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.rules import SHAPE_ONLY_OPS
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 
@@ -125,7 +126,7 @@ def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
         if node.op == "Mul" and (node.inputs[1 - gain_index].shape is None
                                  or node.inputs[1 - gain_index].shape[-1] != gain.size):
             continue
-        consumers = list(out.outputs)
+        consumers = [c for c in out.outputs if c.op not in SHAPE_ONLY_OPS]
         if not consumers or id(out) in outputs or not all(_linear_consumer(c, out) for c in consumers):
             continue
         g64 = gain.astype(np.float64)

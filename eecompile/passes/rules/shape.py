@@ -104,7 +104,19 @@ class ExpandRule(OpRule):
         if rank_in is None or rank_out is None:
             ctx.clear_all(node, "unknown ranks", node.inputs[:1])
             return
+        _refine_expand_shape(node, ctx, rank_out)
         ctx.set(y, x.shifted(rank_out - rank_in))
+
+
+def _refine_expand_shape(node: gs.Node, ctx: AnalysisContext, rank_out: int) -> None:
+    """Expand keeps every non-1 input dim; a 1 becomes the target's (constant) element."""
+    din, target = ctx.shape(node.inputs[0]), ctx.partial_values(node.inputs[1])
+    inferred = ctx.shape(node.outputs[0]) or [None] * rank_out
+    if din is None or target is None or len(target) != rank_out:
+        return
+    din = [1] * (rank_out - len(din)) + list(din)
+    ctx.shape_overrides[node.outputs[0].name] = [
+        d if d != 1 else (t if t is not None else o) for d, t, o in zip(din, target, inferred)]
 
 
 def _signature(dims: Dims, start: int, stop: int) -> tuple | None:
