@@ -1,0 +1,243 @@
+"""The ``eecompile`` command line: keygen, compile, lint, demo.
+
+Every error a user can cause (a missing or corrupt file, a key of another version, a
+non-empty output directory, ...) is printed as one line ``eecompile: error: <message>`` on
+stderr with exit status 2. Anything unexpected is one line ``eecompile: internal error: ...``
+with exit status 70; set ``EECOMPILE_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from eecompile.errors import EECompileError
+
+PROG = "eecompile"
+EXIT_OK = 0
+EXIT_USAGE = 2  # user errors, as argparse uses for bad arguments
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+EXIT_INTERRUPTED = 130
+
+FORMATS = ("text", "json", "md")
+
+
+class UsageError(EECompileError):
+    """Bad command-line arguments (reported like every other user error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other eecompile error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        hint = f" (see '{self.prog} --help')"
+        raise UsageError(message + hint)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+# -- commands ----------------------------------------------------------------------------
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from eecompile.errors import KeyFileError
+    from eecompile.keys import generate_key, save_key
+
+    path = Path(args.keyfile)
+    if path.is_dir():
+        raise KeyFileError(f"{path} is a directory; give a file name for the key")
+    if (path.exists() or path.is_symlink()) and not args.force:
+        raise KeyFileError(f"key file {path} already exists; refusing to overwrite it (use --force to replace it)")
+    key = generate_key()
+    save_key(key, path, overwrite=args.force)
+    print(f"wrote key {path} (mode 0600)")
+    print(f"fingerprint {key.fingerprint()}")
+    print("keep this file secret and backed up: without it nothing compiled with it can be decrypted")
+    return EXIT_OK
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_inputs_survive(model: Path, keyfile: Path, out: Path) -> None:
+    """Refuse an output directory whose artifacts would replace the model or the key file."""
+    from eecompile.compiler import ARTIFACTS
+
+    out = out.resolve()
+    for label, path in (("model", model), ("key", keyfile)):
+        resolved = path.resolve()
+        for name in ARTIFACTS:
+            if resolved == out / name or _inside(resolved, out / name):
+                from eecompile.errors import OutputDirError
+
+                raise OutputDirError(f"the {label} file {path} lies where the compiler writes {out / name}; "
+                                     "choose another --out directory")
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from eecompile.compiler import compile_model
+    from eecompile.errors import ModelFileError
+    from eecompile.keys import load_key
+    from eecompile.report import BASIS_ORDER
+
+    model, keyfile, out = Path(args.model), Path(args.key), Path(args.out)
+    if not model.is_file():
+        raise ModelFileError(f"model file not found: {model}" if not model.exists() else f"{model} is not a file")
+    key = load_key(keyfile)
+    _check_inputs_survive(model, keyfile, out)
+    result = compile_model(model, key, out, force=args.force, verify=not args.no_verify)
+    report = result.report
+
+    summary = report.get("summary", {})
+    counts = ", ".join(f"{summary[b]} {b}" for b in BASIS_ORDER if b in summary) or "none"
+    print(f"compiled {model} with key {key.fingerprint()} into {out}/")
+    print(f"  spaces: {len(report['spaces'])} ({counts})")
+    for side in ("inputs", "outputs"):
+        print(f"  {side}:")
+        for io in report[side]:
+            print(f"    {io['name']}: {io['protection']}")
+    unsupported = report.get("unsupported_ops", [])
+    if unsupported:
+        names = ", ".join(f"{u['node'] or '<unnamed>'} ({u['op_type']})" for u in unsupported[:5])
+        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
+        print(f"  ops without a rule (their spaces stay clear): {names}{more}")
+    v = result.verification
+    if v.checked:
+        print(f"  verification: passed ({v.detail})")
+    else:
+        print(f"  verification: not run ({v.detail})")
+    print(f"  server model:  {result.server_model}  (the server folder is all the server needs)")
+    print(f"  client bundle: {result.client_dir}/  (keep it on the client side)")
+    print(f"  report:        {out / 'report.md'}, {out / 'report.json'}")
+    return EXIT_OK
+
+
+def _cmd_lint(args: argparse.Namespace) -> int:
+    from eecompile.compiler import lint_model
+    from eecompile.report import render_markdown, render_text
+
+    report = lint_model(args.model)
+    if args.format == "json":
+        text = json.dumps(report, indent=2) + "\n"
+    elif args.format == "md":
+        text = render_markdown(report)
+    else:
+        text = render_text(report)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from eecompile.demo import run_demo
+
+    return run_demo(sys.stdout)
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its four subcommands."""
+    from eecompile import __version__
+
+    parser = _Parser(
+        prog=PROG,
+        description="Equivariant encryption for ONNX models: fold secret basis changes into the weights, "
+                    "so a server runs the model on data it cannot read.",
+        epilog="Start with 'eecompile demo'. Errors print one line and exit with status 2.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("keygen", help="generate a secret master key file",
+                       description="Generate a fresh 32-byte master key and write it to KEYFILE with mode 0600. "
+                                   "Prints the key's fingerprint, which is safe to share.")
+    p.add_argument("keyfile", metavar="KEYFILE", help="where to write the key (refused if it exists)")
+    p.add_argument("--force", action="store_true", help="replace an existing KEYFILE")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("compile", help="encrypt a model with a key",
+                       description="Compile MODEL with the key in KEYFILE into OUT_DIR: server/model.onnx "
+                                   "(all the server receives), client/ (the client bundle: encrypt/decrypt "
+                                   "transforms, never the master key), report.json and report.md. The input "
+                                   "files are never modified.")
+    p.add_argument("model", metavar="MODEL.onnx", help="the exported ONNX model")
+    p.add_argument("--key", required=True, metavar="KEYFILE", help="key file written by 'eecompile keygen'")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must be empty or new)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty OUT_DIR, replacing its eecompile artifacts")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking encrypt → server → decrypt against the original on random inputs")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("lint", help="report what a model's spaces can be protected by",
+                       description="Analyse MODEL (no key needed) and print, per hidden space, its size, "
+                                   "the strongest basis it can take and the node that limited it; how "
+                                   "inputs and outputs are protected; ops without a rule; known weaknesses.")
+    p.add_argument("model", metavar="MODEL.onnx", help="the exported ONNX model")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text (a table for terminals, the default), json (for machines) or md (Markdown)")
+    p.set_defaults(func=_cmd_lint)
+
+    p = sub.add_parser("demo", help="run keygen, compile and encrypted inference on a built-in model",
+                       description="Build a small transformer in-process (no downloads), generate a key, "
+                                   "compile, print the lint summary, then run a random prompt through the "
+                                   "original and the encrypted model side by side. Takes a few seconds.")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 2 user error, 70 internal error)."""
+    debug = os.environ.get("EECOMPILE_DEBUG", "") not in ("", "0")
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # stdout closed early (e.g. `eecompile lint m.onnx | head`): not an error.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (EECompileError, OSError) as exc:
+        if debug:
+            traceback.print_exc()
+        message = _describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if debug:
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(run with EECOMPILE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
