@@ -210,7 +210,7 @@ def run_demo(stream: TextIO = sys.stdout, *, seed: int | None = None) -> int:
         max_diff = float(np.max(np.abs(decrypted - expected)))
         moved = float(np.mean(cipher_logits != expected))
         say(f"   the server's logits differ from the true ones in {moved:.0%} of the entries: it sees them "
-            "under a secret reordering of the vocabulary, so it cannot tell which token scored highest")
+            "under a secret reordering of the vocabulary (a substitution cipher: see the weaknesses in the report)")
         say(f"   max abs difference, decrypted vs original: {max_diff:.3e}")
         say()
 
