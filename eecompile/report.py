@@ -42,6 +42,7 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
         "name": leaf.name,
         "size": leaf.size,
         "basis": basis,
+        "class": weakest.value,
         "blocks": len(blocks),
         "limited_by": None if limit is None else {"node": limit.node, "op_type": limit.op_type,
                                                   "reason": limit.reason},
