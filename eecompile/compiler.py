@@ -53,22 +53,32 @@ def lint_model(model_path: str | Path) -> dict:
     return build_report(analysis, normalized, Path(model_path).name)
 
 
-def prepare_out_dir(out_dir: str | Path, force: bool) -> Path:
-    """Create ``out_dir``; refuse a non-empty one unless ``force`` (then only our artifacts are replaced)."""
+def check_out_dir(out_dir: str | Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse a non-empty ``out_dir`` unless ``force``, and any input inside the artifacts it would replace."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output path {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise OutputDirError(f"output directory {out} is not empty (use --force to replace its eecompile artifacts)")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputDirError(f"output directory {out} is not empty (use --force to replace its eecompile artifacts)")
+    for path in inputs:
+        resolved = Path(path).resolve()
         for name in ARTIFACTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+            artifact = (out / name).resolve()
+            if resolved == artifact or artifact in resolved.parents:
+                raise OutputDirError(f"input {path} lies inside the output artifact {out / name}; "
+                                     "compile into another directory")
     return out
+
+
+def _replace_artifacts(staging: Path, out: Path) -> None:
+    """Swap the freshly written artifacts in; only eecompile's own artifacts are removed."""
+    for name in ARTIFACTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(staging / name, path)
 
 
 def model_id(server_dir: Path) -> str:
@@ -98,9 +108,14 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
                   force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None) -> CompileResult:
     """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md)."""
     if not isinstance(key, MasterKey):
+        key_path = Path(key)
         key = load_key(key)
+        check_out_dir(out_dir, force, (Path(model_path), key_path))
+    else:
+        check_out_dir(out_dir, force, (Path(model_path),))
     mg, analysis, normalized = _analysed(model_path)
-    out = prepare_out_dir(out_dir, force)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     bases = plan(analysis, key)
     boundary = insert(analysis, bases)
     fold(analysis, bases)
@@ -123,8 +138,7 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
         report["key_fingerprint"] = key.fingerprint()
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "report.md").write_text(render_markdown(report))
-        for name in ARTIFACTS:
-            os.replace(staging / name, out / name)
+        _replace_artifacts(staging, out)
     return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)
 
 

@@ -128,7 +128,7 @@ def render_text(report: dict) -> str:
     """A terminal table: one row per space, then I/O, unsupported ops and weaknesses."""
     lines = [f"eecompile lint: {report['model']}", ""]
     summary = ", ".join(f"{report['summary'][b]} {b}" for b in BASIS_ORDER if b in report["summary"])
-    lines.append(f"spaces: {len(report['spaces'])} ({summary})")
+    lines.append(f"spaces: {len(report['spaces'])}" + (f" ({summary})" if summary else ""))
     lines.append("")
     header = ("space", "size", "basis", "limited by")
     rows = [(s["name"], str(s["size"]) + (f" ({s['blocks']} blocks)" if s["blocks"] > 1 else ""), s["basis"],

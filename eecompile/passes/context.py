@@ -226,7 +226,19 @@ def apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, rank: in
     constant is broadcast along the protected (and head) axis when needed.
     """
     array = np.asarray(array, dtype=np.float64)
-    array = array.reshape((1,) * (rank - array.ndim) + array.shape)
+    original_ndim = array.ndim
+    return _compact(_apply_on_axis(ctx, array.reshape((1,) * (rank - array.ndim) + array.shape), prot, transform),
+                    original_ndim)
+
+
+def _compact(array: np.ndarray, ndim: int) -> np.ndarray:
+    """Drop leading singleton axes down to ``ndim`` (a folded 1-D bias stays 1-D, keeping ORT fusions)."""
+    while array.ndim > max(ndim, 1) and array.shape[0] == 1:
+        array = array[0]
+    return array
+
+
+def _apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, transform: str) -> np.ndarray:
     pick = {"right": lambda b: b, "inverse": lambda b: b.inverse(), "dual": lambda b: b.dual(),
             "perm": lambda b: AxisBasis(tuple(_perm_only(x) for x in b.blocks))}[transform]
     if prot.head_axis is None:

@@ -24,6 +24,10 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
     return model
 
 

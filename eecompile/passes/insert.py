@@ -15,7 +15,7 @@ from eecompile.passes.analyze import Analysis
 from eecompile.passes.annotations import IndexValues, Protected
 from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.context import FoldContext
-from eecompile.passes.plan import Plan
+from eecompile.passes.plan import Plan, describe
 
 
 @dataclass
@@ -32,6 +32,7 @@ class BoundaryTransform:
     axis: int | None = None
     head_axis: int | None = None
     rank: int | None = None
+    basis: str = ""
     heads: list[AxisBasis] = field(default_factory=list)
     index: Basis | None = None
 
@@ -40,7 +41,9 @@ class BoundaryTransform:
         """A short description for the report."""
         if self.kind == "axis":
             where = f"axis {self.axis}" + (f", per index of axis {self.head_axis}" if self.head_axis is not None else "")
-            return f"basis change on {where}" if not all(h.is_identity for h in self.heads) else "clear (identity basis)"
+            if all(h.is_identity for h in self.heads):
+                return "clear (identity basis)"
+            return f"basis change on {where}" + (f": {self.basis}" if self.basis else "")
         if self.kind == "index":
             return f"permuted index values ({self.index.size} classes)"
         if self.kind == "state":
@@ -68,7 +71,9 @@ def boundary_transform(name: str, ann, ctx: FoldContext, state: bool, rank: int 
             return BoundaryTransform(name, "clear")
         if rank is None:
             raise ValueError(f"boundary tensor {name} has unknown rank")
-        return BoundaryTransform(name, "axis", axis=ann.axis, head_axis=ann.head_axis, rank=rank, heads=heads)
+        classes = sorted({describe(ctx.spaces.cls(r)) for r in ctx.spaces.expand(ann.refs)})
+        return BoundaryTransform(name, "axis", axis=ann.axis, head_axis=ann.head_axis, rank=rank,
+                                 basis=", ".join(classes), heads=heads)
     return BoundaryTransform(name, "clear")
 
 

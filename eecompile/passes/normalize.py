@@ -34,6 +34,7 @@ class NormalizeResult:
 def normalize(mg: ModelGraph) -> NormalizeResult:
     """Rewrite ``mg`` in place into the canonical form the analysis expects."""
     result = NormalizeResult()
+    _name_nodes(mg)
     _fold_static_shapes(mg)
     _lift_constants(mg, result)
     _fold_constant_transposes(mg, result)
@@ -42,6 +43,17 @@ def normalize(mg: ModelGraph) -> NormalizeResult:
     _clone_shared(mg, result)
     mg.refresh()
     return result
+
+
+def _name_nodes(mg: ModelGraph) -> None:
+    """Give every node a unique name (space names, and so key derivations, build on them)."""
+    seen: set[str] = set()
+    for index, node in enumerate(mg.nodes):
+        name = node.name or f"{node.op}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
 
 
 def _fold_static_shapes(mg: ModelGraph) -> None:

@@ -8,6 +8,7 @@ entry per input/output), ``transforms.npz`` (the boundary bases, never the maste
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ class Client:
                 entry = {"name": t.name, "kind": t.kind, "protection": t.protection}
                 prefix = f"{side}.{i}"
                 if t.kind == "axis":
-                    entry.update(axis=t.axis, head_axis=t.head_axis, rank=t.rank, heads=[])
+                    entry.update(axis=t.axis, head_axis=t.head_axis, rank=t.rank, basis=t.basis, heads=[])
                     for h, axis_basis in enumerate(t.heads):
                         entry["heads"].append([_store_basis(b, f"{prefix}.h{h}.b{j}", arrays)
                                                for j, b in enumerate(axis_basis.blocks)])
@@ -130,7 +131,7 @@ class Client:
             with np.load(directory / "transforms.npz") as data:
                 arrays = {k: data[k] for k in data.files}
             spec = BoundarySpec(*[[_load_entry(e, arrays) for e in manifest[side]] for side in ("inputs", "outputs")])
-        except (OSError, KeyError, ValueError, TypeError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
             raise BundleError(f"client bundle {directory} is corrupt ({type(exc).__name__}: {exc})") from None
         return cls(spec, manifest.get("model_id", ""))
 
@@ -159,6 +160,7 @@ def _load_entry(entry: dict, arrays: dict[str, np.ndarray]) -> BoundaryTransform
     t = BoundaryTransform(entry["name"], entry["kind"])
     if t.kind == "axis":
         t.axis, t.head_axis, t.rank = entry["axis"], entry["head_axis"], entry["rank"]
+        t.basis = entry.get("basis", "")
         t.heads = [AxisBasis(tuple(_load_basis(b, arrays) for b in head)) for head in entry["heads"]]
     elif t.kind == "index":
         t.index = _load_basis(entry["index"], arrays)

@@ -174,6 +174,8 @@ class BinaryRule(OpRule):
         other = node.inputs[1 - index]
         value = ctx.const(other)
         op = node.op
+        if value is None and op in ("Add", "Sub") and sliced_constant(ctx.const, other, p.axis, ry) is not None:
+            return p  # a slice of a constant table (e.g. positions[:S]): the table is folded
         if value is not None:
             flat = constant_along(value, p.axis, ry)
             if op in ("Add", "Sub"):
@@ -219,10 +221,16 @@ class BinaryRule(OpRule):
         for index in (0, 1):
             value = ctx.const(node.inputs[index])
             other = ctx.get(node.inputs[1 - index])
-            if value is None or not isinstance(other, Protected):
+            if not isinstance(other, Protected) or ctx.get(node.inputs[index]) is not None:
                 continue
             ry = ctx.mg.rank(node.outputs[0])
             p = aligned(other, ctx.mg.rank(node.inputs[1 - index]), ry)
+            if value is None:
+                slicer = sliced_constant(ctx.const, node.inputs[index], p.axis, ry)
+                if slicer is not None and node.op in ("Add", "Sub"):
+                    table = ctx.const(slicer.inputs[0])
+                    ctx.set_const(slicer, 0, apply_on_axis(ctx, table, p, ry, "right").reshape(table.shape))
+                continue
             basis = ctx.axis_basis(p) if p.head_axis is None else None
             flat = constant_along(value, p.axis, ry)
             pure_perm = basis is not None and all(b.dense is None and b.scale is None for b in basis.blocks)
@@ -232,6 +240,27 @@ class BinaryRule(OpRule):
                 ctx.set_const(node, index, apply_on_axis(ctx, value, p, ry, "right"))
             elif not flat and not isinstance(y, Squares):
                 ctx.set_const(node, index, apply_on_axis(ctx, value, p, ry, "perm"))
+
+
+def sliced_constant(const, tensor: gs.Tensor, axis: int, rank_out: int) -> gs.Node | None:
+    """The Slice node when ``tensor`` is a slice of a float constant that keeps ``axis`` whole.
+
+    Only a slice whose table and output each have one consumer qualifies, so the table can be
+    folded for that one use.
+    """
+    slicer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if slicer is None or slicer.op != "Slice" or len(tensor.outputs) != 1:
+        return None
+    table = const(slicer.inputs[0])
+    if table is None or not np.issubdtype(table.dtype, np.floating) or len(slicer.inputs[0].outputs) != 1:
+        return None
+    axes = const(slicer.inputs[3]) if len(slicer.inputs) > 3 and slicer.inputs[3].name else np.arange(table.ndim)
+    if axes is None:
+        return None
+    table_axis = axis - (rank_out - table.ndim)
+    if table_axis < 0 or table_axis in {int(a) % table.ndim for a in np.atleast_1d(axes)}:
+        return None
+    return slicer
 
 
 def reduce_axes(node: gs.Node, const, rank: int) -> list[int] | None:
