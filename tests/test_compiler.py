@@ -210,3 +210,60 @@ def test_compile_never_modifies_its_input(zoo, key_a, tmp_path):
     before = model.read_bytes()
     compile_model(model, key_a, tmp_path / "out")
     assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize("name,op", [("bert", "Gelu"), ("llama", "Sigmoid"), ("cnn", "MaxPool")])
+def test_op_without_rule_compiles_exactly_and_is_reported(name, op, zoo, key_a, tmp_path):
+    """Unregistering a rule leaves its spaces clear, names the nodes, and keeps exactness."""
+    from eecompile.passes.rules import unregistered
+
+    model = zoo.export(name, "dynamo", 20)
+    with unregistered(op):
+        result = compile_model(model, key_a, tmp_path / "out")
+    reported = {u["op_type"] for u in result.report["unsupported_ops"]}
+    assert reported == {op}
+    names = {u["node"] for u in result.report["unsupported_ops"]}
+    graph_nodes = {n.name for n in onnx.load(str(model)).graph.node if n.op_type == op}
+    assert names == graph_nodes
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    enc = EncryptedSession(result.out_dir, providers=["CPUExecutionProvider"])
+    outputs = _plain_outputs(ref)
+    feeds = make_feeds(name, seed=31)
+    for expected, got in zip(ref.run(outputs, feeds), enc.run(outputs, feeds)):
+        assert relative_error(expected, got) <= TOLERANCE
+
+
+def test_lint_names_a_custom_domain_op(zoo, tmp_path):
+    """A custom-domain op between two layers: lint names it and its spaces stay clear."""
+    from eecompile import lint_model
+
+    model = onnx.load(str(zoo.export("mlp", "dynamo", 20)))
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain, relu.name = "MyActivation", "com.example", "custom_act"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    report = lint_model(path)
+    assert report["unsupported_ops"] == [{"node": "custom_act", "op_type": "MyActivation", "domain": "com.example"}]
+    touched = [s for s in report["spaces"] if s["limited_by"] and s["limited_by"]["node"] == "custom_act"]
+    assert touched and all(s["basis"] == "clear" for s in touched)
+
+
+def _fusions(path, model_type: str, heads: int, hidden: int) -> dict[str, int]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    stats = optimize_model(str(path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                           opt_level=0).get_fused_operator_statistics()
+    return {k: v for k, v in stats.items() if v}
+
+
+@pytest.mark.parametrize("name,model_type", [("bert", "bert"), ("llama", "gpt2")])
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 20), ("legacy", 17)])
+def test_ort_transformer_optimizer_finds_the_same_fusions(name, model_type, exporter, opset, zoo, key_a):
+    """Folding keeps the graph's topology, so ORT's fusions are found in the encrypted model too."""
+    cfg = model_config(name)
+    plain = _fusions(zoo.export(name, exporter, opset), model_type, cfg["heads"], cfg["hidden"])
+    encrypted = _fusions(zoo.compile(name, exporter, opset, key_a).server_model, model_type,
+                         cfg["heads"], cfg["hidden"])
+    assert plain, "the plaintext model should have some fusions"
+    assert encrypted == plain
