@@ -1,4 +1,4 @@
-"""The ``eecompile`` command line: keygen, compile, lint, demo.
+"""The ``eecompile`` command line: keygen, compile, lint, demo, generate.
 
 Every error a user can cause (a missing or corrupt file, a key of another version, a
 non-empty output directory, ...) is printed as one line ``eecompile: error: <message>`` on
@@ -100,7 +100,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         raise ModelFileError(f"model file not found: {model}" if not model.exists() else f"{model} is not a file")
     key = load_key(keyfile)
     _check_inputs_survive(model, keyfile, out)
+    tokenizer = getattr(args, "tokenizer", None)
+    if tokenizer:
+        from eecompile.runtime.tokenizer import check_tokenizer_fits
+
+        check_tokenizer_fits(tokenizer, model)  # before compiling: a bad tokenizer leaves OUT_DIR untouched
     result = compile_model(model, key, out, force=args.force, verify=not args.no_verify)
+    if tokenizer:
+        from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
+
+        add_tokenizer_to_bundle(tokenizer, result.client_dir)
     report = result.report
 
     summary = report.get("summary", {})
@@ -123,6 +132,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"  verification: not run ({v.detail})")
     print(f"  server model:  {result.server_model}  (the server folder is all the server needs)")
     print(f"  client bundle: {result.client_dir}/  (keep it on the client side)")
+    if tokenizer:
+        print(f"  tokenizer:     {result.client_dir / 'tokenizer.json'}  (encrypted: its ids are the model's "
+              "permuted ids; client side)")
     print(f"  report:        {out / 'report.md'}, {out / 'report.json'}")
     return EXIT_OK
 
@@ -144,14 +156,62 @@ def _cmd_lint(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if getattr(args, "llm", False):
+        from eecompile.demo import run_llm_demo
+
+        return run_llm_demo(sys.stdout)
     from eecompile.demo import run_demo
 
     return run_demo(sys.stdout)
 
 
+def _parse_ids(text: str) -> list[int]:
+    parts = text.replace(",", " ").split()
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--prompt-ids takes integers separated by spaces or commas, got {text!r}") from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import logging
+
+    from eecompile.runtime.generate import EncryptedGenerator
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"{PROG}: %(message)s")
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_context is not None and args.max_context < 1:
+        raise UsageError(f"--max-context must be >= 1, got {args.max_context}")
+    generator = EncryptedGenerator(args.out_dir, args.provider, max_positions=args.max_context)
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        prompt = _parse_ids(args.prompt_ids)
+        if not prompt:
+            raise UsageError("--prompt-ids is empty")
+    result = generator.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                add_special_tokens=not args.no_special_tokens)
+    if args.show_wire:
+        print(f"{PROG}: prompt ids as the server saw them: {' '.join(map(str, result.prompt_wire_ids))}",
+              file=sys.stderr)
+        print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))} "
+              f"(stopped: {result.finish_reason})", file=sys.stderr)
+    if result.text is not None:
+        sys.stdout.write(result.text)
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+    else:
+        sys.stdout.write(" ".join(map(str, result.plain_ids)) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
 # -- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its four subcommands."""
+    """The argument parser with its subcommands."""
     from eecompile import __version__
 
     parser = _Parser(
@@ -182,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty OUT_DIR, replacing its eecompile artifacts")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking encrypt → server → decrypt against the original on random inputs")
+    p.add_argument("--tokenizer", metavar="TOKENIZER.json",
+                   help="a Hugging Face tokenizer.json of the model: its encrypted copy (ids permuted like the "
+                        "model's, special tokens included) goes into the client bundle")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("lint", help="report what a model's spaces can be protected by",
@@ -197,7 +260,40 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a small transformer in-process (no downloads), generate a key, "
                                    "compile, print the lint summary, then run a random prompt through the "
                                    "original and the encrypted model side by side. Takes a few seconds.")
+    p.add_argument("--llm", action="store_true",
+                   help="instead: encrypted text generation with the small trained language model, shown beside "
+                        "the plaintext generation")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text on ciphertext with a compiled language model",
+                       description="Encrypt the prompt with the client bundle in OUT_DIR/client (its encrypted "
+                                   "tokenizer), generate on the server model OUT_DIR/server/model.onnx — which "
+                                   "sees and produces only encrypted token ids and keeps its KV cache encrypted — "
+                                   "and print exactly the decrypted continuation on stdout (no trailing newline "
+                                   "unless stdout is a terminal). Greedy unless --temperature > 0. Logs go to "
+                                   "stderr.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a directory written by 'eecompile compile'")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text (needs a compile with --tokenizer)")
+    prompt.add_argument("--prompt-ids", metavar="IDS",
+                        help="the prompt as plaintext token ids ('1 2 3' or '1,2,3'); prints the generated ids")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 (the default) is greedy decoding")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample among the most likely tokens holding mass P")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampler (same seed, same tokens)")
+    p.add_argument("--provider", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="ONNX Runtime execution provider: auto (CUDA if available, else CPU; the default), "
+                        "cuda (fails if CUDA is not available), cpu")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="the model's context length, when the model does not say (a learned position table is "
+                        "read from the model); longer prompts are refused")
+    p.add_argument("--no-special-tokens", action="store_true",
+                   help="do not let the tokenizer add its special tokens (e.g. <s>) to the prompt")
+    p.add_argument("--show-wire", action="store_true",
+                   help="print the token ids the server saw and produced (ciphertext) on stderr")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

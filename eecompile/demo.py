@@ -225,5 +225,100 @@ def run_demo(stream: TextIO = sys.stdout, *, seed: int | None = None) -> int:
         return 0 if ok else 1
 
 
+# -- eecompile demo --llm ---------------------------------------------------------------
+LLM_PROMPT = "And God said,"
+LLM_NEW_TOKENS = 40
+
+
+def _tinylm_files() -> tuple[Path, Path] | None:
+    """(model.onnx, tokenizer.json) of the small trained language model, or None when it is not available."""
+    try:
+        from eecompile.models import tinylm  # noqa: F401 - the trained model ships with this module
+    except ImportError:
+        return None
+    for name in ("model_files", "ensure_model", "load_files"):
+        fn = getattr(tinylm, name, None)
+        if callable(fn):
+            files = fn()
+            if isinstance(files, dict):
+                return Path(files["model"]), Path(files["tokenizer"])
+            if isinstance(files, (tuple, list)):
+                return Path(files[0]), Path(files[1])
+            directory = Path(files)
+            return directory / "model.onnx", directory / "tokenizer.json"
+    return None
+
+
+def run_llm_demo(stream: TextIO = sys.stdout, *, prompt: str = LLM_PROMPT, max_new_tokens: int = LLM_NEW_TOKENS,
+                 files: tuple[Path, Path] | None = None) -> int:
+    """keygen → compile (with the tokenizer) → encrypted generation from the small trained model,
+    with the plaintext generation beside it; return an exit code (0 also when the model is unavailable)."""
+    from eecompile.compiler import compile_model
+    from eecompile.keys import generate_key
+    from eecompile.runtime.generate import EncryptedGenerator, PlainGenerator
+    from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
+
+    def say(text: str = "") -> None:
+        print(text, file=stream)
+
+    files = files or _tinylm_files()
+    if files is None:
+        say("eecompile demo --llm: the small trained language model (eecompile.models.tinylm) is not available "
+            "in this installation; skipping. Run 'eecompile demo' for the built-in transformer.")
+        return 0
+    model_path, tokenizer_path = files
+    from tokenizers import Tokenizer
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="eecompile-llm-demo-") as tmp:
+        tmp = Path(tmp)
+        say("eecompile demo --llm: a small language model generates text on ciphertext.")
+        say()
+        say("1. Generate a secret key (stays with the client).")
+        key = generate_key()
+        say(f"   fingerprint {key.fingerprint()}")
+        say()
+        say(f"2. Compile {model_path.name} and encrypt its tokenizer (ids permuted like the model's).")
+        out = tmp / "compiled"
+        result = compile_model(model_path, key, out)
+        add_tokenizer_to_bundle(tokenizer_path, result.client_dir)
+        say(f"   self-check: {result.verification.detail}")
+        for side in ("inputs", "outputs"):
+            for io in result.report[side]:
+                if not io["name"].startswith(("past_key_values", "present")):
+                    say(f"   {side[:-1]} {io['name']}: {io['protection']}")
+        say("   KV cache (past_key_values.* / present.*): server-side state, kept encrypted on the server")
+        say()
+        say(f"3. Generate {max_new_tokens} tokens after {prompt!r}, greedy, both ways.")
+        encrypted = EncryptedGenerator(out)
+        plain = PlainGenerator(model_path, tokenizer=Tokenizer.from_file(str(tokenizer_path)),
+                               eos_tokens=encrypted.client.tokenizer_manifest.get("eos_tokens", ()))
+        enc = encrypted.generate(prompt, max_new_tokens)
+        ref = plain.generate(prompt, max_new_tokens)
+        say(f"   the server saw prompt ids   {_id_list(enc.prompt_wire_ids)}")
+        say(f"   (the plaintext ids were     {_id_list(enc.prompt_plain_ids)})")
+        say(f"   the server produced ids     {_id_list(enc.wire_ids)}")
+        say(f"   the client decrypted ids    {_id_list(enc.plain_ids)}")
+        say()
+        say(f"   plaintext model:  {prompt}{ref.text}")
+        say(f"   encrypted model:  {prompt}{enc.text}")
+        say()
+        same = enc.plain_ids == ref.plain_ids
+        elapsed = time.perf_counter() - started
+        on = ", ".join(p.replace("ExecutionProvider", "") for p in encrypted.server.providers[:1])
+        if same:
+            say(f"Done in {elapsed:.1f} s on {on}: identical tokens; the server only ever saw encrypted ids.")
+        else:
+            say("FAILED: the encrypted generation differs from the plaintext one")
+        say("Next: 'eecompile compile model.onnx --key my.key --out out/ --tokenizer tokenizer.json', then "
+            "'eecompile generate out/ --prompt \"...\"'.")
+        return 0 if same else 1
+
+
+def _id_list(ids: list[int], limit: int = 16) -> str:
+    text = " ".join(str(i) for i in ids[:limit])
+    return text + (" ..." if len(ids) > limit else "")
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(run_demo())
