@@ -10,7 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile.errors import OutputDirError
 from eecompile.keys import MasterKey, load_key
@@ -22,10 +25,12 @@ from eecompile.passes.normalize import normalize
 from eecompile.passes.plan import plan
 from eecompile.passes.verify import VerifyResult, check_structure, verify_equivalence
 from eecompile.report import build_report, render_markdown
+from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+DATA_FILE = "model.onnx.data"
 
 
 @dataclass
@@ -39,18 +44,22 @@ class CompileResult:
     verification: VerifyResult
 
 
-def _analysed(model_path: str | Path) -> tuple[ModelGraph, Analysis, object]:
+def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
+    model_path = Path(model_path)
     model = load_model(model_path)
-    mg = ModelGraph(infer_shapes(model))
+    mg = ModelGraph(infer_shapes(model), model_path.parent, store)
     normalized = normalize(mg)
-    mg = ModelGraph(infer_shapes(mg.export()))
+    mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
     return mg, analyze(mg), normalized
 
 
 def lint_model(model_path: str | Path) -> dict:
     """The lint report of a model (no key needed): what each space can be protected by."""
-    _, analysis, normalized = _analysed(model_path)
-    return build_report(analysis, normalized, Path(model_path).name)
+    with tempfile.TemporaryDirectory(prefix="eecompile-lint-") as work:
+        store = TensorStore(Path(work) / "scratch.bin")
+        _, analysis, normalized = _analysed(model_path, store)
+        store.close()
+        return build_report(analysis, normalized, Path(model_path).name)
 
 
 def check_out_dir(out_dir: str | Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
@@ -92,16 +101,30 @@ def model_id(server_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_server(model: onnx.ModelProto, server_dir: Path) -> Path:
+def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProto]:
+    """Write the server model; large weights stream, one tensor at a time, into model.onnx.data."""
     server_dir.mkdir(parents=True, exist_ok=True)
     path = server_dir / "model.onnx"
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+    constants = list({id(t): t for t in mg.graph.tensors().values() if isinstance(t, gs.Constant)}.values())
+    total = sum(int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize for c in constants)
+    if total > EXTERNAL_DATA_THRESHOLD:
+        data_path = server_dir / DATA_FILE
+        with open(data_path, "wb") as fh:
+            for c in constants:
+                array = np.ascontiguousarray(np.asarray(c.values))
+                if array.nbytes < INLINE_BYTES:
+                    c.values = array
+                    continue
+                offset = fh.tell()
+                array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(fh)
+                c._values = FileValues(data_path, offset, array.shape, array.dtype, c.name, location=DATA_FILE)
     else:
-        onnx.save_model(model, str(path))
-    return path
+        for c in constants:
+            if isinstance(c._values, LazyValues):
+                c.values = c._values.load()
+    model = mg.export()
+    onnx.save_model(model, str(path))
+    return path, model
 
 
 def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
@@ -113,17 +136,20 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
         check_out_dir(out_dir, force, (Path(model_path), key_path))
     else:
         check_out_dir(out_dir, force, (Path(model_path),))
-    mg, analysis, normalized = _analysed(model_path)
+    load_model(model_path)  # fail on a bad model before anything is created
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bases = plan(analysis, key)
-    boundary = insert(analysis, bases)
-    fold(analysis, bases)
-    server_model = mg.export()
-    check_structure(server_model)
-    with tempfile.TemporaryDirectory(dir=out) as staging:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".eecompile-") as staging:
         staging = Path(staging)
-        server_path = _save_server(server_model, staging / "server")
+        store = TensorStore(staging / "scratch.bin")
+        mg, analysis, normalized = _analysed(model_path, store)
+        bases = plan(analysis, key)
+        boundary = insert(analysis, bases)
+        fold(analysis, bases)
+        server_path, server_model = _emit_server(mg, staging / "server")
+        store.close()
+        (staging / "scratch.bin").unlink(missing_ok=True)
+        check_structure(server_model, server_path)
         client = Client(boundary, model_id(staging / "server"))
         client.save(staging / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_elem_types(server_model.graph.input),

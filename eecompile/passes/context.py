@@ -41,8 +41,12 @@ class AnalysisContext:
             self.spaces.note_tensor(ref, tensor.name)
 
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
-        """Value of a constant input, else None."""
+        """Value of a constant input, else None (reads the values: use const_shape for weights)."""
         return self.mg.const(tensor)
+
+    def const_shape(self, tensor: gs.Tensor | None) -> tuple[int, ...] | None:
+        """Shape of a constant input without reading it, else None."""
+        return self.mg.const_shape(tensor)
 
     def shape(self, tensor: gs.Tensor) -> list | None:
         """Shape of a tensor (ints, symbols or None), None when unknown."""
@@ -188,6 +192,10 @@ class FoldContext:
         """Value of a constant input, else None."""
         return self.mg.const(tensor)
 
+    def const_shape(self, tensor: gs.Tensor | None) -> tuple[int, ...] | None:
+        """Shape of a constant input without reading it, else None."""
+        return self.mg.const_shape(tensor)
+
     def basis(self, ref: Ref) -> Basis:
         """The concrete basis of one (unsplit) space reference."""
         root = self.spaces.find(ref)
@@ -213,8 +221,8 @@ class FoldContext:
     def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         """Replace constant input ``index`` of ``node`` with ``value`` (its dtype kept)."""
         tensor = node.inputs[index]
-        dtype = np.asarray(tensor.values).dtype
-        tensor.values = np.ascontiguousarray(np.asarray(value).astype(dtype))
+        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.asarray(tensor.values).dtype
+        self.mg.set_values(tensor, np.asarray(value).astype(dtype))
 
 
 def apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, rank: int,

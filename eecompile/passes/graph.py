@@ -7,19 +7,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile.errors import ModelFileError
+from eecompile.passes.store import FileValues, TensorStore, external_values
 
 Dim = int | str | None
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX model with its external data, failing with one clear line."""
+    """Load an ONNX model's structure, failing with one clear line.
+
+    External data is not read here: :class:`ModelGraph` reads each such tensor from its file
+    only when a pass needs its values.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
@@ -47,11 +53,22 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class ModelGraph:
-    """An onnx-graphsurgeon graph with lookups the passes need."""
+    """An onnx-graphsurgeon graph with lookups the passes need.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    ``base_dir`` resolves external-data locations; ``store`` receives rewritten tensors.
+    """
+
+    def __init__(self, model: onnx.ModelProto, base_dir: str | Path = ".", store: TensorStore | None = None) -> None:
         self.opset_imports = {o.domain or "": o.version for o in model.opset_import}
+        self.ir_version = model.ir_version
+        self.store = store or TensorStore()
         self.graph: gs.Graph = gs.import_onnx(model)
+        for tensor in self.graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) \
+                    and not isinstance(tensor._values, FileValues):
+                values = external_values(tensor._values.tensor, Path(base_dir))
+                if values is not None:
+                    tensor._values = values
         self.graph.toposort()
         self._refresh()
 
@@ -80,10 +97,20 @@ class ModelGraph:
             return np.asarray(tensor.values)
         return None
 
+    def const_shape(self, tensor: gs.Tensor | None) -> tuple[int, ...] | None:
+        """Shape of a constant tensor without reading its values, else None."""
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.shape)
+        return None
+
+    def set_values(self, tensor: gs.Constant, value: np.ndarray) -> None:
+        """Replace a constant's values (large ones go to the tensor store, not memory)."""
+        tensor.values = self.store.put(tensor.name, value)
+
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
         """Static or symbolic shape of a tensor, None when unknown."""
         if isinstance(tensor, gs.Constant):
-            return list(tensor.values.shape)
+            return list(tensor.shape)
         if tensor.shape is None:
             return None
         return [d if isinstance(d, (int, str)) else None for d in tensor.shape]
@@ -95,7 +122,7 @@ class ModelGraph:
 
     def is_float(self, tensor: gs.Tensor) -> bool:
         """Whether the tensor holds floating-point values."""
-        dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+        dtype = tensor.dtype
         if dtype is None:
             return False
         try:
@@ -106,6 +133,7 @@ class ModelGraph:
     def export(self) -> onnx.ModelProto:
         """The graph as an ONNX model (opset imports preserved)."""
         model = gs.export_onnx(self.graph, do_type_check=False)
+        model.ir_version = self.ir_version
         del model.opset_import[:]
         for domain, version in sorted(self.opset_imports.items()):
             model.opset_import.append(onnx.helper.make_opsetid(domain, version))

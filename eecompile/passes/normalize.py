@@ -96,7 +96,8 @@ def _fold_constant_transposes(mg: ModelGraph, result: NormalizeResult) -> None:
             continue
         src = np.asarray(node.inputs[0].values)
         perm = node.attrs.get("perm", list(range(src.ndim - 1, -1, -1)))
-        const = gs.Constant(f"{out.name}_folded", np.ascontiguousarray(np.transpose(src, perm)))
+        const = gs.Constant(f"{out.name}_folded", np.zeros(0, src.dtype))
+        mg.set_values(const, np.transpose(src, perm))
         _replace_uses(out, const)
         node.outputs.clear()
         result.transposes_folded.append(node.inputs[0].name)
@@ -105,17 +106,19 @@ def _fold_constant_transposes(mg: ModelGraph, result: NormalizeResult) -> None:
 def _linear_consumer(node: gs.Node, tensor: gs.Tensor) -> bool:
     """Whether ``node`` multiplies ``tensor``'s last axis by a constant 2-D weight."""
     if node.op == "MatMul" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
-        return np.asarray(node.inputs[1].values).ndim == 2
+        return len(node.inputs[1].shape) == 2
     if node.op == "Gemm" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
         return not node.attrs.get("transA", 0)
     return False
 
 
-def _scale_rows(node: gs.Node, gain: np.ndarray) -> None:
+def _scale_rows(mg: ModelGraph, node: gs.Node, gain: np.ndarray) -> None:
     weight = np.asarray(node.inputs[1].values)
     trans = node.op == "Gemm" and node.attrs.get("transB", 0)
     scaled = weight * gain[None, :] if trans else weight * gain[:, None]
-    node.inputs[1] = gs.Constant(f"{node.inputs[1].name}_g", scaled.astype(weight.dtype))
+    const = gs.Constant(f"{node.inputs[1].name}_g", np.zeros(0, weight.dtype))
+    mg.set_values(const, scaled.astype(weight.dtype))
+    node.inputs[1] = const
 
 
 def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
@@ -143,7 +146,7 @@ def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
             continue
         g64 = gain.astype(np.float64)
         for consumer in consumers:
-            _scale_rows(consumer, g64)
+            _scale_rows(mg, consumer, g64)
         if node.op == "LayerNormalization" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             bias = np.asarray(node.inputs[2].values)
             node.inputs[2] = gs.Constant(f"{node.inputs[2].name}_g", (bias / g64).astype(bias.dtype))
@@ -157,11 +160,10 @@ def _clone_shared(mg: ModelGraph, result: NormalizeResult) -> None:
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant):
                 continue
-            values = np.asarray(tensor.values)
-            if values.size < 2 or not np.issubdtype(values.dtype, np.floating):
+            if int(np.prod(tensor.shape)) < 2 or not np.issubdtype(np.dtype(tensor.dtype), np.floating):
                 continue
             count = seen.get(id(tensor), 0)
             seen[id(tensor)] = count + 1
-            if count:
-                node.inputs[i] = gs.Constant(f"{tensor.name}_clone{count}", values.copy())
+            if count:  # the clone shares the (read-only) values until a fold replaces them
+                node.inputs[i] = gs.Constant(f"{tensor.name}_clone{count}", tensor._values)
                 result.clones += 1

@@ -33,13 +33,13 @@ class VerifyResult:
     detail: str
 
 
-def check_structure(model: onnx.ModelProto) -> None:
-    """No private-domain op is left, and the ONNX checker passes."""
+def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> None:
+    """No private-domain op is left, and the ONNX checker passes (on ``path`` when given)."""
     private = [n.name or n.op_type for n in model.graph.node if n.domain == PRIVATE_DOMAIN]
     if private:
         raise VerificationError(f"private basis-change ops left in the graph: {private[:5]}")
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(str(path) if path is not None else model, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"compiled model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 

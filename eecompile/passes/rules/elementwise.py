@@ -242,7 +242,7 @@ class BinaryRule(OpRule):
                 ctx.set_const(node, index, apply_on_axis(ctx, value, p, ry, "perm"))
 
 
-def sliced_constant(const, tensor: gs.Tensor, axis: int, rank_out: int) -> gs.Node | None:
+def sliced_constant(const, tensor: gs.Tensor, axis: int, rank_out: int) -> gs.Node | None:  # noqa: C901
     """The Slice node when ``tensor`` is a slice of a float constant that keeps ``axis`` whole.
 
     Only a slice whose table and output each have one consumer qualifies, so the table can be
@@ -251,14 +251,16 @@ def sliced_constant(const, tensor: gs.Tensor, axis: int, rank_out: int) -> gs.No
     slicer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     if slicer is None or slicer.op != "Slice" or len(tensor.outputs) != 1:
         return None
-    table = const(slicer.inputs[0])
-    if table is None or not np.issubdtype(table.dtype, np.floating) or len(slicer.inputs[0].outputs) != 1:
+    table = slicer.inputs[0]
+    if not isinstance(table, gs.Constant) or not np.issubdtype(np.dtype(table.dtype), np.floating) \
+            or len(table.outputs) != 1:
         return None
-    axes = const(slicer.inputs[3]) if len(slicer.inputs) > 3 and slicer.inputs[3].name else np.arange(table.ndim)
+    ndim = len(table.shape)
+    axes = const(slicer.inputs[3]) if len(slicer.inputs) > 3 and slicer.inputs[3].name else np.arange(ndim)
     if axes is None:
         return None
-    table_axis = axis - (rank_out - table.ndim)
-    if table_axis < 0 or table_axis in {int(a) % table.ndim for a in np.atleast_1d(axes)}:
+    table_axis = axis - (rank_out - ndim)
+    if table_axis < 0 or table_axis in {int(a) % ndim for a in np.atleast_1d(axes)}:
         return None
     return slicer
 

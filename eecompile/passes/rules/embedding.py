@@ -23,9 +23,9 @@ class GatherRule(OpRule):
     accepts_index = True
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
-        table = ctx.const(node.inputs[0])
-        if index == 1 and table is not None and table.ndim == 2 and int(node.attrs.get("axis", 0)) == 0:
-            ref = ctx.spaces.new(f"input:{node.inputs[1].name}", int(table.shape[0]), node.name)
+        table = ctx.const_shape(node.inputs[0])
+        if index == 1 and table is not None and len(table) == 2 and int(node.attrs.get("axis", 0)) == 0:
+            ref = ctx.spaces.new(f"input:{node.inputs[1].name}", int(table[0]), node.name)
             ctx.spaces.restrict(ref, BasisClass.PERMUTATION,
                                 ctx.limit(node, "token ids can only be permuted (a substitution cipher)"))
             return IndexValues(ref)
@@ -34,18 +34,18 @@ class GatherRule(OpRule):
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         data, indices = node.inputs[:2]
         y = node.outputs[0]
-        table = ctx.const(data)
+        table = ctx.const_shape(data)
         idx = ctx.get(indices)
         axis = int(node.attrs.get("axis", 0))
         if table is not None:
-            if table.ndim != 2 or axis != 0 or (idx is not None and not isinstance(idx, IndexValues)):
+            if len(table) != 2 or axis != 0 or (idx is not None and not isinstance(idx, IndexValues)):
                 ctx.clear_all(node, "gather from a table that is not a 2-D embedding", [indices])
                 return
-            if isinstance(idx, IndexValues) and ctx.spaces.size(idx.ref) != table.shape[0]:
+            if isinstance(idx, IndexValues) and ctx.spaces.size(idx.ref) != table[0]:
                 ctx.clear_all(node, "index space size differs from the table", [indices])
                 return
             rank = ctx.rank(y)
-            ctx.set(y, ctx.fresh(node, y, rank - 1, int(table.shape[1])) if rank else None)
+            ctx.set(y, ctx.fresh(node, y, rank - 1, int(table[1])) if rank else None)
             return
         x = ctx.get(data)
         if idx is not None:
@@ -68,11 +68,10 @@ class GatherRule(OpRule):
         ctx.set(y, x.moved(move(x.axis), None if x.head_axis is None else move(x.head_axis)))
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
-        table = ctx.const(node.inputs[0])
         y = ctx.get(node.outputs[0])
-        if table is None or not isinstance(y, Protected):
+        if ctx.const_shape(node.inputs[0]) is None or not isinstance(y, Protected):
             return
-        value = table.astype(np.float64)
+        value = ctx.const(node.inputs[0]).astype(np.float64)
         idx = ctx.get(node.inputs[1])
         if isinstance(idx, IndexValues):
             value = ctx.basis(idx.ref).dual().right(value, 0)

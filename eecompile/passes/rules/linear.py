@@ -20,10 +20,10 @@ class MatMulRule(OpRule):
     op_types = ("MatMul",)
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
-        weight = ctx.const(node.inputs[1])
+        weight = ctx.const_shape(node.inputs[1])
         rank = ctx.rank(node.inputs[0])
-        if index == 0 and weight is not None and weight.ndim == 2 and rank:
-            return ctx.fresh(node, node.inputs[0], rank - 1, int(weight.shape[0]))
+        if index == 0 and weight is not None and len(weight) == 2 and rank:
+            return ctx.fresh(node, node.inputs[0], rank - 1, int(weight[0]))
         return None
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
@@ -31,11 +31,11 @@ class MatMulRule(OpRule):
         y_t = node.outputs[0]
         a, b = ctx.get(a_t), ctx.get(b_t)
         ra, rb, ry = ctx.rank(a_t), ctx.rank(b_t), ctx.rank(y_t)
-        weight_b, weight_a = ctx.const(b_t), ctx.const(a_t)
+        weight_b, weight_a = ctx.const_shape(b_t), ctx.const_shape(a_t)
         if ra is None or rb is None or ry is None:
             ctx.clear_all(node, "unknown ranks")
             return
-        if weight_b is not None and weight_b.ndim == 2:
+        if weight_b is not None and len(weight_b) == 2:
             out = None
             if isinstance(a, Protected):
                 if a.head_axis is None and a.axis == ra - 1:
@@ -47,7 +47,7 @@ class MatMulRule(OpRule):
             elif a is not None:
                 ctx.clear(a, node, "unsupported annotation on MatMul input")
             if out is None:
-                out = ctx.fresh(node, y_t, ry - 1, int(weight_b.shape[1]))
+                out = ctx.fresh(node, y_t, ry - 1, int(weight_b[1]))
             ctx.set(y_t, out)
             return
         if weight_a is not None:
@@ -98,15 +98,19 @@ class MatMulRule(OpRule):
         ctx.set(node.outputs[0], out)
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
-        weight = ctx.const(node.inputs[1])
-        if weight is None or weight.ndim != 2:
+        shape = ctx.mg.const_shape(node.inputs[1])
+        if shape is None or len(shape) != 2:
             return
         a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
         ra, ry = ctx.mg.rank(node.inputs[0]), ctx.mg.rank(node.outputs[0])
-        w = weight.astype("float64")
-        if isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1:
+        fold_in = isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1
+        fold_out = isinstance(y, Protected) and y.head_axis is None and y.axis == ry - 1
+        if not fold_in and not fold_out:
+            return
+        w = ctx.const(node.inputs[1]).astype("float64")
+        if fold_in:
             w = ctx.axis_basis(a).dual().right(w, 0)
-        if isinstance(y, Protected) and y.head_axis is None and y.axis == ry - 1:
+        if fold_out:
             w = ctx.axis_basis(y).right(w, 1)
         ctx.set_const(node, 1, w)
 
@@ -117,21 +121,21 @@ class GemmRule(OpRule):
     op_types = ("Gemm",)
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
-        weight = ctx.const(node.inputs[1])
+        weight = ctx.const_shape(node.inputs[1])
         if index == 0 and weight is not None and not node.attrs.get("transA", 0):
-            k = weight.shape[1] if node.attrs.get("transB", 0) else weight.shape[0]
+            k = weight[1] if node.attrs.get("transB", 0) else weight[0]
             return ctx.fresh(node, node.inputs[0], 1, int(k))
         return None
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
-        weight = ctx.const(node.inputs[1])
+        weight = ctx.const_shape(node.inputs[1])
         a = ctx.get(node.inputs[0])
         if weight is None or node.attrs.get("transA", 0):
             ctx.clear_all(node, "Gemm without a constant B, or with transA")
             return
         if a is not None and not (isinstance(a, Protected) and a.axis == 1 and a.head_axis is None):
             ctx.clear(a, node, "protected axis is not Gemm's contracted axis")
-        n = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
+        n = weight[0] if node.attrs.get("transB", 0) else weight[1]
         ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(n)))
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
@@ -157,20 +161,20 @@ class ConvRule(OpRule):
     op_types = ("Conv",)
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
-        weight = ctx.const(node.inputs[1])
+        weight = ctx.const_shape(node.inputs[1])
         if index == 0 and weight is not None and node.attrs.get("group", 1) == 1:
-            return ctx.fresh(node, node.inputs[0], 1, int(weight.shape[1]))
+            return ctx.fresh(node, node.inputs[0], 1, int(weight[1]))
         return None
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
-        weight = ctx.const(node.inputs[1])
+        weight = ctx.const_shape(node.inputs[1])
         x = ctx.get(node.inputs[0])
         if weight is None or node.attrs.get("group", 1) != 1:
             ctx.clear_all(node, "grouped/depthwise Conv or non-constant weight (only group=1 is folded)")
             return
         if x is not None and not (isinstance(x, Protected) and x.axis == 1 and x.head_axis is None):
             ctx.clear(x, node, "protected axis is not the channel axis")
-        ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(weight.shape[0])))
+        ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(weight[0])))
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
         weight = ctx.const(node.inputs[1])
