@@ -114,3 +114,114 @@ def export_model(
     _rename_output_dims(proto, name)
     onnx.save_model(proto, str(path), save_as_external_data=False)
     return path
+
+
+# --- export of a given Llama-style decoder instance (any config, e.g. a trained model) ---
+
+
+def llama_io_names(layers: int) -> tuple[list[str], list[str]]:
+    """Hugging Face/optimum ONNX ``(input_names, output_names)`` of a ``layers``-layer decoder.
+
+    Inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.N.key|value``;
+    outputs ``logits``, ``present.N.key|value``.  Same convention as the ``llama`` zoo model.
+    """
+    past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def llama_dynamic_axes(layers: int) -> dict[str, dict[int, str]]:
+    """Symbolic dims (``batch``, ``sequence``, ``past_sequence``, ``total_sequence``) per IO name."""
+    inputs, outputs = llama_io_names(layers)
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    for n in inputs[3:]:
+        axes[n] = {0: "batch", 2: "past_sequence"}
+    for n in outputs[1:]:
+        axes[n] = {0: "batch", 2: "total_sequence"}
+    return axes
+
+
+def llama_example_inputs(config: dict, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[torch.Tensor, ...]:
+    """Positional example inputs (random ids, ones mask, positions, N(0,1) past) for tracing a decoder."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(config["vocab_size"]), (batch, seq), generator=gen, dtype=torch.int64)
+    mask = torch.ones((batch, past + seq), dtype=torch.int64)
+    pos = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
+    shape = (batch, int(config["kv_heads"]), past, int(config["head_dim"]))
+    kv = [torch.randn(shape, generator=gen) for _ in range(2 * int(config["layers"]))]
+    return (ids, mask, pos, *kv)
+
+
+def export_llama_module(
+    model: torch.nn.Module,
+    path: str | Path,
+    exporter: str = "dynamo",
+    opset: int = 20,
+) -> Path:
+    """Export a given :class:`~eecompile.models.llama.TinyLlama` instance (any config) to ``path``.
+
+    Unlike :func:`export_model`, which builds a zoo model by name with random weights, this
+    exports the module as it is (e.g. a trained checkpoint).  Same exporters, opsets, IO
+    names (:func:`llama_io_names`) and dynamic dims (:func:`llama_dynamic_axes`) as the
+    ``llama`` zoo model; the file is self-contained.  The model is put in eval mode and its
+    ``standard_ops`` flag is set as for the zoo (True only for dynamo at opset >= 23).
+    """
+    if exporter not in ("dynamo", "legacy"):
+        raise ValueError(f"unknown exporter {exporter!r}; expected 'dynamo' or 'legacy'")
+    if exporter == "dynamo" and opset < 18:
+        raise ValueError(f"the dynamo exporter needs opset >= 18, got {opset}")
+    if exporter == "legacy" and not 17 <= opset <= 20:
+        raise ValueError(f"the legacy exporter is used with opset 17..20 here, got {opset}")
+    config = model.config  # type: ignore[attr-defined]
+    layers = int(config["layers"])
+    in_names, out_names = llama_io_names(layers)
+    axes = llama_dynamic_axes(layers)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.standard_ops = exporter == "dynamo" and opset >= 23  # type: ignore[attr-defined]
+    args = llama_example_inputs(config)
+    specs = [axes.get(n, {}) for n in in_names]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = Path(tmp) / "model.onnx"
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            if exporter == "dynamo":
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(raw),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_shapes=(*specs[:3], tuple(specs[3:])),
+                    external_data=False,
+                    verbose=False,
+                )
+            else:
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes=axes,
+                    do_constant_folding=True,
+                )
+        proto = onnx.load(str(raw), load_external_data=True)
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for axis, sym in axes.get(out.name, {}).items():
+            if axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_param = sym
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+    return path
