@@ -199,7 +199,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))} "
               f"(stopped: {result.finish_reason})", file=sys.stderr)
-    if result.text is not None:
+    if args.prompt is not None:
         sys.stdout.write(result.text)
         if sys.stdout.isatty():
             sys.stdout.write("\n")
