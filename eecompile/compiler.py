@@ -112,6 +112,7 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
         with open(data_path, "wb") as fh:
             for c in constants:
                 array = np.ascontiguousarray(np.asarray(c.values))
+                c.data_location = None
                 if array.nbytes < INLINE_BYTES:
                     c.values = array
                     continue
@@ -122,6 +123,7 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
         for c in constants:
             if isinstance(c._values, LazyValues):
                 c.values = c._values.load()
+            c.data_location = None
     model = mg.export()
     onnx.save_model(model, str(path))
     return path, model

@@ -10,6 +10,7 @@ composition of :meth:`Basis.right` along some axis with a basis, its inverse or 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -22,6 +23,7 @@ class Basis:
     dense: np.ndarray | None = None
     perm: np.ndarray | None = None
     scale: np.ndarray | None = None
+    orthogonal: bool = False  # a dense orthogonal matrix: its dual is itself, its inverse its transpose
 
     @staticmethod
     def identity(size: int) -> "Basis":
@@ -56,10 +58,16 @@ class Basis:
         return out
 
     def inverse(self) -> "Basis":
-        """``T^{-1}``."""
+        """``T^{-1}`` (computed once)."""
+        return self._inverse
+
+    @cached_property
+    def _inverse(self) -> "Basis":
         if self.is_identity:
             return self
         if self.dense is not None:
+            if self.orthogonal:
+                return Basis(self.size, dense=np.ascontiguousarray(self.dense.T), orthogonal=True)
             return Basis(self.size, dense=np.linalg.inv(self.dense))
         perm = self.perm if self.perm is not None else np.arange(self.size)
         inv = np.argsort(perm)
@@ -67,11 +75,15 @@ class Basis:
         return Basis(self.size, perm=inv, scale=scale)
 
     def dual(self) -> "Basis":
-        """``T^{-T}``, the basis of the contracted partner (attention keys, folded inputs)."""
-        if self.is_identity:
+        """``T^{-T}``, the basis of the contracted partner (attention keys, folded inputs); computed once."""
+        return self._dual
+
+    @cached_property
+    def _dual(self) -> "Basis":
+        if self.is_identity or self.orthogonal:
             return self
         if self.dense is not None:
-            return Basis(self.size, dense=np.linalg.inv(self.dense).T.copy())
+            return Basis(self.size, dense=np.ascontiguousarray(self.inverse().dense.T))
         return Basis(self.size, perm=self.perm, scale=None if self.scale is None else 1.0 / self.scale)
 
     def matrix(self) -> np.ndarray:

@@ -106,6 +106,7 @@ class ModelGraph:
     def set_values(self, tensor: gs.Constant, value: np.ndarray) -> None:
         """Replace a constant's values (large ones go to the tensor store, not memory)."""
         tensor.values = self.store.put(tensor.name, value)
+        tensor.data_location = None  # graphsurgeon would otherwise re-export it as external
 
     def shape(self, tensor: gs.Tensor) -> list[Dim] | None:
         """Static or symbolic shape of a tensor, None when unknown."""

@@ -36,9 +36,9 @@ def sample_basis(key: MasterKey, name: str, perm_name: str, cls: BasisClass, siz
     if cls == BasisClass.INVERTIBLE:
         return Basis(size, dense=bases.invertible(rng, size, max_condition=MAX_CONDITION))
     if cls == BasisClass.ORTHOGONAL:
-        return Basis(size, dense=bases.haar_orthogonal(rng, size))
+        return Basis(size, dense=bases.haar_orthogonal(rng, size), orthogonal=True)
     if cls == BasisClass.ONES_ORTHOGONAL:
-        return Basis(size, dense=bases.ones_orthogonal(rng, size))
+        return Basis(size, dense=bases.ones_orthogonal(rng, size), orthogonal=True)
     if cls in (BasisClass.COMPLEX_HALF, BasisClass.COMPLEX_INTERLEAVED):
         layout = "half" if cls == BasisClass.COMPLEX_HALF else "interleaved"
         if size % 2:
