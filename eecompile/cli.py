@@ -107,9 +107,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         check_tokenizer_fits(tokenizer, model)  # before compiling: a bad tokenizer leaves OUT_DIR untouched
     result = compile_model(model, key, out, force=args.force, verify=not args.no_verify)
     if tokenizer:
+        from eecompile.runtime.generate import model_context_length
         from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
 
-        add_tokenizer_to_bundle(tokenizer, result.client_dir)
+        add_tokenizer_to_bundle(tokenizer, result.client_dir, max_positions=model_context_length(model))
     report = result.report
 
     summary = report.get("summary", {})
@@ -153,6 +154,15 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     sys.stdout.flush()
     return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eecompile.bench import run_bench
+
+    result = run_bench(args.out_dir, provider=args.provider, batch=args.batch, seq=args.seq, iters=args.iters,
+                       warmup=args.warmup, original=args.original, progress=not args.json)
+    print(result.to_json() if args.json else result.to_text(), end="\n" if args.json else "")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -255,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="text",
                    help="text (a table for terminals, the default), json (for machines) or md (Markdown)")
     p.set_defaults(func=_cmd_lint)
+
+    p = sub.add_parser("bench", help="time the encrypted model against the original, side by side",
+                       description="Run the original model (recorded in OUT_DIR/report.json, or --original) and "
+                                   "the encrypted model in one process on the same provider with IO binding: "
+                                   "warm-up, then interleaved repetitions. Prints p50/p90 latency of each, the "
+                                   "encrypted/plaintext ratio with its spread, and the client shim's share.")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a directory written by `eecompile compile`")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="execution provider (default: cpu)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for symbolic batch dims (default: 1)")
+    p.add_argument("--seq", type=int, default=16, help="length for other symbolic dims (default: 16)")
+    p.add_argument("--iters", type=int, default=50, help="timed repetitions per model (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up calls per model (default: 5)")
+    p.add_argument("--original", metavar="MODEL.onnx", help="the plaintext model (default: from report.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="run keygen, compile and encrypted inference on a built-in model",
                        description="Build a small transformer in-process (no downloads), generate a key, "

@@ -164,6 +164,7 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
         report["key_fingerprint"] = key.fingerprint()
+        report["source_model"] = str(Path(model_path).resolve())
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (staging / "report.md").write_text(render_markdown(report))
         _replace_artifacts(staging, out)

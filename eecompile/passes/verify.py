@@ -44,8 +44,13 @@ def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> N
         raise VerificationError(f"compiled model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def random_feeds(session, seed: int, index_sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Random feeds for an ONNX Runtime session's inputs (symbolic dims: batch 2, lengths 3, past 0)."""
+def random_feeds(session, seed: int, index_sizes: dict[str, int] | None = None, *, batch: int = 2,
+                 length: int = 3) -> dict[str, np.ndarray]:
+    """Random feeds for an ONNX Runtime session's inputs.
+
+    Symbolic dims: the first one seen is the batch (``batch``), past lengths are 0, every
+    other one is ``length``.
+    """
     rng = np.random.default_rng(seed)
     index_sizes = index_sizes or {}
     feeds, symbols = {}, {}
@@ -58,7 +63,7 @@ def random_feeds(session, seed: int, index_sizes: dict[str, int] | None = None) 
                 key = str(d)
                 if key not in symbols:
                     symbols[key] = 0 if re.search("past", key, re.I) or re.search("past", inp.name, re.I) else (
-                        2 if not symbols else 3)
+                        batch if not symbols else length)
                 shape.append(symbols[key])
         if "int" in inp.type:
             if inp.name in index_sizes:
