@@ -230,33 +230,32 @@ LLM_PROMPT = "And God said,"
 LLM_NEW_TOKENS = 40
 
 
-def _tinylm_files() -> tuple[Path, Path] | None:
-    """(model.onnx, tokenizer.json) of the small trained language model, or None when it is not available."""
+def _tinylm_files() -> tuple[Path, Path, int | None] | None:
+    """(model.onnx, tokenizer.json, trained context) of the small trained language model, or None."""
     try:
-        from eecompile.models import tinylm  # noqa: F401 - the trained model ships with this module
-    except ImportError:
+        from eecompile.models.tinylm import load_tinylm
+
+        model, tokenizer, config = load_tinylm()
+    except (ImportError, FileNotFoundError):
         return None
-    for name in ("model_files", "ensure_model", "load_files"):
-        fn = getattr(tinylm, name, None)
-        if callable(fn):
-            files = fn()
-            if isinstance(files, dict):
-                return Path(files["model"]), Path(files["tokenizer"])
-            if isinstance(files, (tuple, list)):
-                return Path(files[0]), Path(files[1])
-            directory = Path(files)
-            return directory / "model.onnx", directory / "tokenizer.json"
-    return None
+    if not (Path(model).is_file() and Path(tokenizer).is_file()):
+        return None
+    return Path(model), Path(tokenizer), config.get("max_positions")
 
 
-def run_llm_demo(stream: TextIO = sys.stdout, *, prompt: str = LLM_PROMPT, max_new_tokens: int = LLM_NEW_TOKENS,
-                 files: tuple[Path, Path] | None = None) -> int:
+def run_llm_demo(stream: TextIO | None = None, *, prompt: str = LLM_PROMPT, max_new_tokens: int = LLM_NEW_TOKENS,
+                 files: tuple[Path, Path, int | None] | None = None) -> int:
     """keygen → compile (with the tokenizer) → encrypted generation from the small trained model,
-    with the plaintext generation beside it; return an exit code (0 also when the model is unavailable)."""
+    with the plaintext generation beside it; return an exit code (0 also when the model is unavailable).
+
+    ``files`` = (model.onnx, tokenizer.json, context length or None) replaces the shipped model.
+    """
     from eecompile.compiler import compile_model
     from eecompile.keys import generate_key
     from eecompile.runtime.generate import EncryptedGenerator, PlainGenerator
     from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
+
+    stream = stream or sys.stdout
 
     def say(text: str = "") -> None:
         print(text, file=stream)
@@ -266,7 +265,7 @@ def run_llm_demo(stream: TextIO = sys.stdout, *, prompt: str = LLM_PROMPT, max_n
         say("eecompile demo --llm: the small trained language model (eecompile.models.tinylm) is not available "
             "in this installation; skipping. Run 'eecompile demo' for the built-in transformer.")
         return 0
-    model_path, tokenizer_path = files
+    model_path, tokenizer_path, context = files
     from tokenizers import Tokenizer
 
     started = time.perf_counter()
@@ -281,7 +280,7 @@ def run_llm_demo(stream: TextIO = sys.stdout, *, prompt: str = LLM_PROMPT, max_n
         say(f"2. Compile {model_path.name} and encrypt its tokenizer (ids permuted like the model's).")
         out = tmp / "compiled"
         result = compile_model(model_path, key, out)
-        add_tokenizer_to_bundle(tokenizer_path, result.client_dir)
+        add_tokenizer_to_bundle(tokenizer_path, result.client_dir, max_positions=context)
         say(f"   self-check: {result.verification.detail}")
         for side in ("inputs", "outputs"):
             for io in result.report[side]:
@@ -291,7 +290,7 @@ def run_llm_demo(stream: TextIO = sys.stdout, *, prompt: str = LLM_PROMPT, max_n
         say()
         say(f"3. Generate {max_new_tokens} tokens after {prompt!r}, greedy, both ways.")
         encrypted = EncryptedGenerator(out)
-        plain = PlainGenerator(model_path, tokenizer=Tokenizer.from_file(str(tokenizer_path)),
+        plain = PlainGenerator(model_path, tokenizer=Tokenizer.from_file(str(tokenizer_path)), max_positions=context,
                                eos_tokens=encrypted.client.tokenizer_manifest.get("eos_tokens", ()))
         enc = encrypted.generate(prompt, max_new_tokens)
         ref = plain.generate(prompt, max_new_tokens)

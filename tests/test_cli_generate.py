@@ -205,7 +205,7 @@ def test_compile_refuses_a_tokenizer_too_large(setup, capsys, tmp_path):
 def test_llm_demo(setup, capsys):
     from eecompile.demo import run_llm_demo
 
-    code = run_llm_demo(files=(Path(setup["model"]), setup["tokenizer_path"]), prompt=PROMPT, max_new_tokens=8)
+    code = run_llm_demo(files=(Path(setup["model"]), setup["tokenizer_path"], None), prompt=PROMPT, max_new_tokens=8)
     out = capsys.readouterr().out
     assert code == 0, out
     assert "identical tokens" in out
@@ -218,3 +218,41 @@ def test_llm_demo_cli(capsys, monkeypatch):
     monkeypatch.setattr(demo, "_tinylm_files", lambda: None)
     code, out, err = _run(capsys, "demo", "--llm")
     assert code == 0 and "not available" in out
+
+
+def _tinylm():
+    try:
+        from eecompile.models.tinylm import load_tinylm
+
+        return load_tinylm()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"the small trained model is not available: {exc}")
+
+
+def test_tinylm_generate_cli(tmp_path, capsys):
+    """The README's path: compile the trained model with its tokenizer, generate text on ciphertext."""
+    from eecompile.models.tinylm import greedy_generate_plain
+
+    model, tokenizer, config = _tinylm()
+    out = tmp_path / "out"
+    key = tmp_path / "k.key"
+    assert main(["keygen", str(key)]) == 0
+    assert main(["compile", str(model), "--key", str(key), "--out", str(out), "--tokenizer", str(tokenizer)]) == 0
+    capsys.readouterr()
+    prompt = "In the beginning God created"
+    code, text, err = _run(capsys, "generate", out, "--prompt", prompt, "--max-new-tokens", 24, "--provider", "cpu",
+                           "--max-context", config["max_positions"])
+    assert code == 0, err
+    assert text == greedy_generate_plain(prompt, 24) and text.strip()
+    code, _, err = _run(capsys, "generate", out, "--prompt", "word " * 200, "--provider", "cpu",
+                        "--max-context", config["max_positions"])
+    _one_line_error(code, err, f"the model's context holds {config['max_positions']}")
+
+
+def test_llm_demo_with_the_trained_model(capsys):
+    from eecompile.demo import run_llm_demo
+
+    _tinylm()
+    code = run_llm_demo(max_new_tokens=16)
+    out = capsys.readouterr().out
+    assert code == 0 and "identical tokens" in out, out

@@ -267,6 +267,12 @@ def read_interface(session, model_path: str | Path | None = None) -> DecoderInte
     return iface
 
 
+def model_context_length(model_path: str | Path) -> int | None:
+    """The context length an ONNX decoder declares: metadata ``max_position_embeddings`` (or a
+    similar key), else the rows of a learned position-embedding table; None when unknown."""
+    return _model_limits(model_path)[0]
+
+
 def _model_limits(model_path: str | Path) -> tuple[int | None, int | None]:
     """(context length, vocabulary size) read from the graph: metadata, or the embedding tables.
 
@@ -716,6 +722,8 @@ class EncryptedGenerator:
         self.client = GenerationClient.load(out / "client")
         if self.client.client.model_id != model_id(out / "server"):
             raise BundleError(f"the client bundle in {out / 'client'} belongs to another compilation than {server_path}")
+        if max_positions is None:  # the context length recorded at compile time, if the graph does not say
+            max_positions = self.client.tokenizer_manifest.get("max_positions")
         self.server = ServerDecoder(server_path, providers, io_binding=io_binding, max_positions=max_positions)
         if self.server.vocab_size is not None and self.server.vocab_size != self.client.vocab_size:
             raise BundleError(f"the server model's vocabulary has {self.server.vocab_size} entries but the client "

@@ -310,12 +310,14 @@ def _special_tokens(data: dict) -> tuple[list[str], list[str]]:
 
 
 def add_tokenizer_to_bundle(tokenizer_json_path: str | os.PathLike, client_dir: str | os.PathLike,
-                            *, eos_tokens: list[str] | None = None) -> Path:
+                            *, eos_tokens: list[str] | None = None, max_positions: int | None = None) -> Path:
     """Encrypt a tokenizer into ``client_dir/tokenizer.json`` and write ``tokenizer-manifest.json``.
 
     The manifest names the compilation the tokenizer belongs to (the client bundle's
-    ``model_id``), the source file's SHA-256, the vocabulary sizes and the special tokens
-    (EOS tokens end a generation; ``eos_tokens`` overrides the ones recognised by name).
+    ``model_id``), the source file's SHA-256, the vocabulary sizes, the special tokens
+    (EOS tokens end a generation; ``eos_tokens`` overrides the ones recognised by name) and,
+    when given, the model's context length ``max_positions`` (generation refuses longer
+    prompts and stops when it is full).
     """
     from eecompile.runtime.client import Client
 
@@ -343,6 +345,8 @@ def add_tokenizer_to_bundle(tokenizer_json_path: str | os.PathLike, client_dir: 
         "eos_tokens": eos,
         "bos_tokens": bos,
     }
+    if max_positions is not None:
+        manifest["max_positions"] = int(max_positions)
     (client_dir / TOKENIZER_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 

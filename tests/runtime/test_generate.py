@@ -244,3 +244,51 @@ def test_providers(caplog):
     assert session.get_providers() == ["CPUExecutionProvider"]
     lines = [r.getMessage() for r in caplog.records if r.name == "eecompile.runtime"]
     assert lines == ["CUDA is not available to ONNX Runtime; running on the CPU execution provider"]
+
+
+# -- the small trained model -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tinylm(tmp_path_factory, key_a):
+    try:
+        from eecompile.models.tinylm import load_tinylm
+
+        model, tokenizer, config = load_tinylm()
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"the small trained model is not available: {exc}")
+    from tokenizers import Tokenizer
+
+    from eecompile import compile_model
+    from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
+
+    out = tmp_path_factory.mktemp("tinylm") / "out"
+    result = compile_model(model, key_a, out)
+    add_tokenizer_to_bundle(tokenizer, result.client_dir, max_positions=config["max_positions"])
+    plain_tok = Tokenizer.from_file(str(tokenizer))
+    return (EncryptedGenerator(out, "cpu"),
+            PlainGenerator(model, "cpu", tokenizer=plain_tok, eos_tokens=["</s>"], max_positions=config["max_positions"]),
+            plain_tok)
+
+
+def test_tinylm_greedy_equals_plaintext(tinylm):
+    from eecompile.models.tinylm import greedy_generate_ids
+
+    enc, plain, tok = tinylm
+    for prompt in ("In the beginning God created the heaven", "And the LORD spake unto Moses, saying,"):
+        got = enc.generate(prompt, NEW, eos_ids=[])
+        ref = plain.generate(prompt, NEW, eos_ids=[])
+        assert got.prompt_plain_ids == tok.encode(prompt).ids
+        assert got.plain_ids == ref.plain_ids == greedy_generate_ids(tok.encode(prompt).ids, NEW, stop_at_eos=False)
+        assert got.text == ref.text == tok.decode(ref.plain_ids)
+        assert got.prompt_wire_ids == enc.tokenizer.encode(prompt).ids != got.prompt_plain_ids
+
+
+def test_tinylm_sampling_equals_plaintext(tinylm):
+    enc, plain, _ = tinylm
+    prompt = "And God said,"
+    texts = set()
+    for seed in (0, 1, 2):
+        got = enc.generate(prompt, 32, **SAMPLED, seed=seed)
+        ref = plain.generate(prompt, 32, **SAMPLED, seed=seed)
+        assert got.plain_ids == ref.plain_ids and got.text == ref.text and got.finish_reason == ref.finish_reason
+        texts.add(got.text)
+    assert len(texts) > 1
