@@ -38,6 +38,8 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
                 break
         if limit:
             break
+    if limit is None and len(blocks) > 1:
+        limit = spaces.root_leaf(Ref(root)).split_by
     return {
         "name": leaf.name,
         "size": leaf.size,

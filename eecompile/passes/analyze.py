@@ -62,6 +62,7 @@ def analyze(mg: ModelGraph) -> Analysis:
                 claimed[id(n)] = inst
     result = Analysis(mg, ctx, instances)
     for node in nodes:
+        ctx.spaces.current = (node.name, node.op)
         inst = claimed.get(id(node))
         rule = None if inst else rule_for(node)
         for index, tensor in enumerate(node.inputs):

@@ -107,6 +107,7 @@ class Leaf:
     children: tuple[int, ...] = ()
     perm_parent: int = -1
     tensors: list[str] = field(default_factory=list)
+    split_by: Limit | None = None
 
 
 class SpaceTable:
@@ -114,6 +115,7 @@ class SpaceTable:
 
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
+        self.current: tuple[str, str] = ("", "")  # (node, op) being analysed, for split records
 
     # -- creation and lookup -------------------------------------------------------------
     def new(self, name: str, size: int, origin: str = "") -> Ref:
@@ -273,6 +275,8 @@ class SpaceTable:
             self.leaves[child.space].limits = list(leaf.limits)
             children.append(child.space)
         leaf.children = tuple(children)
+        leaf.split_by = Limit(self.current[0], self.current[1],
+                              f"split into {len(sizes)} blocks (e.g. attention heads): the basis is block-diagonal")
         return tuple(Ref(c, root.dual) for c in children)
 
     def _clear_children(self, root: Ref, sizes: tuple[int, ...]) -> list[Ref]:
