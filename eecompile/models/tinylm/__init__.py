@@ -134,7 +134,7 @@ def greedy_generate_ids(
     if not prompt_ids:
         raise ValueError("empty prompt_ids (encode the prompt with the tokenizer: it starts with <s>)")
     if any(not 0 <= i < vocab for i in prompt_ids):
-        raise ValueError(f"prompt ids must be in [0, {vocab})")
+        raise ValueError(f"prompt ids out of range: each must be in [0, {vocab})")
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     if len(prompt_ids) + max_new_tokens > ctx:
