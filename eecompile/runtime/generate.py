@@ -418,18 +418,18 @@ class ServerDecoder:
         iface = self.interface
         names = [iface.logits] + [c.present for c in iface.cache]
         if self.io_binding:
-            import onnxruntime as ort
-
             binding = self.session.io_binding()
             for name, value in feeds.items():
+                self._keepalive.append(value)
                 binding.bind_cpu_input(name, value)
             for entry in iface.cache:
                 value = self._cache.get(entry.past)
-                if value is None:  # the empty cache, created on the device once per sequence
+                if value is None:  # the empty cache (no bytes to copy) at the start of a sequence
                     empty = np.zeros(entry.shape, dtype=entry.dtype)
                     self._keepalive.append(empty)
-                    value = ort.OrtValue.ortvalue_from_numpy(empty, self.device_type, self.device_id)
-                binding.bind_ortvalue_input(entry.past, value)
+                    binding.bind_cpu_input(entry.past, empty)
+                else:  # the previous step's present.* OrtValue, still on the device
+                    binding.bind_ortvalue_input(entry.past, value)
             for name in names:
                 binding.bind_output(name, self.device_type, self.device_id)
             self.session.run_with_iobinding(binding)
@@ -443,9 +443,9 @@ class ServerDecoder:
             self.host_runs += 1
         self._logits = outputs[0]
         self._cache = {entry.past: outputs[i + 1] for i, entry in enumerate(iface.cache)}
+        self._keepalive = []
         if iface.has_cache:
             self._past_length = total
-            self._keepalive = []
 
     def sample(self, config: SamplingConfig, u: float | None = None) -> int:
         """The next id from the last logits: greedy, or sampled with the uniform ``u`` in [0, 1)."""
