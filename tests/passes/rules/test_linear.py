@@ -1,0 +1,144 @@
+"""eecompile.passes.rules.linear: MatMul, Gemm and Conv fold ``W' = T_in⁻¹ · W · T_out``.
+
+Each graph is linted (which basis each space gets) and compiled (the encrypted session equals
+ONNX Runtime on the plaintext model, relative error ≤ 1e-5, on fresh random inputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT = TensorProto.FLOAT
+
+
+def _f(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _init(path, name):
+    return next(numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name == name)
+
+
+def test_matmul_relu_matmul(rng, build, lint, compile_exact):
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2")],
+                 [("x", FLOAT, ["B", "S", 8])], [("y", FLOAT, ["B", "S", 4])],
+                 {"W1": _f(rng, 8, 6), "W2": _f(rng, 6, 4)})
+    report = lint(path)
+    assert report.basis("x") == "invertible"  # only a linear layer reads it
+    hidden = report.space("h")
+    assert hidden["basis"] == "monomial" and hidden["class"] == "positive-monomial"
+    assert "r" in hidden["tensors"]
+    assert hidden["limited_by"]["node"] == "relu"
+    assert report.basis("y") == "invertible"  # nothing follows the last layer
+    assert len({report.space(t)["name"] for t in ("x", "h", "y")}) == 3  # independent in and out bases
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 8)})
+    for name in ("W1", "W2"):
+        assert not np.allclose(_init(result.server_model, name), _init(path, name))
+
+
+def test_gemm_trans_b_with_bias(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Gemm", ["x", "W1", "c1"], ["h"], name="gemm1", transB=1),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Gemm", ["r", "W2", "c2"], ["y"], name="gemm2", alpha=0.5, beta=2.0)],
+                 [("x", FLOAT, ["B", 4])], [("y", FLOAT, ["B", 3])],
+                 {"W1": _f(rng, 5, 4), "c1": _f(rng, 5), "W2": _f(rng, 5, 3), "c2": _f(rng, 3)})
+    report = lint(path)
+    assert report.basis("x") == "invertible"
+    assert report.space("h")["class"] == "positive-monomial"
+    assert report.basis("y") == "invertible"
+    result = compile_exact(path, {"x": _f(rng, 6, 4)})
+    assert not np.allclose(_init(result.server_model, "c2"), _init(path, "c2"))  # b' = b · T_out
+
+
+def test_gemm_trans_a_is_left_clear(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Gemm", ["x", "W"], ["y"], name="gemm", transA=1)],
+                 [("x", FLOAT, [4, 2])], [("y", FLOAT, [2, 3])], {"W": _f(rng, 4, 3)})
+    report = lint(path)
+    assert report.protection("inputs", "x") == "clear" and report.protection("outputs", "y") == "clear"
+    compile_exact(path, {"x": _f(rng, 4, 2)})
+
+
+def test_conv_relu_conv(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Conv", ["x", "W1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                  helper.make_node("Conv", ["r", "W2", "b2"], ["y"], name="conv2", strides=[2, 2])],
+                 [("x", FLOAT, ["B", 3, 6, 6])], [("y", FLOAT, ["B", 2, 2, 2])],
+                 {"W1": _f(rng, 4, 3, 3, 3), "b1": _f(rng, 4), "W2": _f(rng, 2, 4, 3, 3), "b2": _f(rng, 2)})
+    report = lint(path)
+    assert report.basis("x") == "invertible"
+    assert report.protection("inputs", "x") == "basis change on axis 1: invertible"  # channels, not pixels
+    assert report.space("h")["class"] == "positive-monomial"
+    assert report.basis("y") == "invertible"
+    assert any("spatial layout" in w for w in report["weaknesses"])
+    compile_exact(path, {"x": _f(rng, 2, 3, 6, 6)})
+
+
+def test_grouped_conv_is_left_clear(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Conv", ["x", "W1"], ["h"], name="depthwise", group=4),
+                  helper.make_node("Conv", ["h", "W2"], ["y"], name="pointwise")],
+                 [("x", FLOAT, ["B", 4, 5, 5])], [("y", FLOAT, ["B", 2, 3, 3])],
+                 {"W1": _f(rng, 4, 1, 3, 3), "W2": _f(rng, 2, 4, 1, 1)})
+    report = lint(path)
+    assert report.protection("inputs", "x") == "clear"
+    assert not [s for s in report["spaces"] if "h" in s["tensors"] and s["basis"] != "clear"]
+    assert report.basis("y") == "invertible"  # the next dense conv starts a fresh space
+    compile_exact(path, {"x": _f(rng, 2, 4, 5, 5)})
+
+
+def test_protected_axis_as_the_row_axis_of_a_weight(rng, build, lint, compile_exact):
+    """``(hᵀ · W)ᵀ`` mixes the sequence axis only: the feature basis passes through."""
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("Transpose", ["h"], ["ht"], name="t1", perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["ht", "Ws"], ["m"], name="mix_tokens"),
+                  helper.make_node("Transpose", ["m"], ["mt"], name="t2", perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["mt", "W2"], ["y"], name="mm2")],
+                 [("x", FLOAT, ["B", 5, 4])], [("y", FLOAT, ["B", 3, 2])],
+                 {"W1": _f(rng, 4, 6), "Ws": _f(rng, 5, 3), "W2": _f(rng, 6, 2)})
+    report = lint(path)
+    hidden = report.space("h")
+    assert hidden["basis"] == "invertible"
+    assert {"ht", "m", "mt"} <= set(hidden["tensors"])
+    result = compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+    np.testing.assert_array_equal(_init(result.server_model, "Ws"), _init(path, "Ws"))  # nothing to fold
+
+
+def test_constant_left_operand(rng, build, lint, compile_exact):
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("MatMul", ["Wl", "h"], ["m"], name="left"),
+                  helper.make_node("MatMul", ["m", "W2"], ["y"], name="mm2")],
+                 [("x", FLOAT, [5, 4])], [("y", FLOAT, [3, 2])],
+                 {"W1": _f(rng, 4, 6), "Wl": _f(rng, 3, 5), "W2": _f(rng, 6, 2)})
+    report = lint(path)
+    assert report.basis("h") == "invertible" and "m" in report.space("h")["tensors"]
+    compile_exact(path, {"x": _f(rng, 5, 4)})
+
+
+def test_batched_constant_weight_clears_its_input(rng, build, lint, compile_exact):
+    """A 3-D constant right operand is not a folded linear layer: its input space is cleared."""
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("MatMul", ["h", "W3"], ["y"], name="batched")],
+                 [("x", FLOAT, [2, 5, 4])], [("y", FLOAT, [2, 5, 3])],
+                 {"W1": _f(rng, 4, 6), "W3": _f(rng, 2, 6, 3)})
+    report = lint(path)
+    assert report.basis("x") == "invertible"
+    hidden = report.space("h")
+    assert hidden["basis"] == "clear" and hidden["limited_by"]["node"] == "batched"
+    compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+
+
+def test_gram_matrix_forces_an_orthogonal_basis(rng, build, lint, compile_exact):
+    """``h · hᵀ`` contracts a space with itself: ``T = T^{-T}``, so only orthogonal bases keep it exact."""
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+                  helper.make_node("MatMul", ["h", "ht"], ["gram"], name="gram")],
+                 [("x", FLOAT, ["B", 3, 4])], [("gram", FLOAT, ["B", 3, 3])], {"W1": _f(rng, 4, 6)})
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == "orthogonal" and space["limited_by"]["node"] == "gram"
+    assert report.protection("outputs", "gram") == "clear"  # the scores of a product of activations
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 4)})
+    assert not np.allclose(_init(result.server_model, "W1"), _init(path, "W1"))

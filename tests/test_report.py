@@ -1,0 +1,135 @@
+"""eecompile.report: the lint report (JSON dict) and its text and Markdown renderings."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import eecompile
+from eecompile.passes.analyze import analyze
+from eecompile.passes.annotations import Protected
+from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
+from eecompile.passes.normalize import normalize
+from eecompile.passes.rules import unregistered
+from eecompile.report import BASIS_ORDER, render_markdown, render_text
+
+FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+H, HD = 2, 3
+D = H * HD
+
+
+def _model(path, rng, custom: bool = False):
+    """Embedding → heads attention → Gelu → head, with an optional custom-domain op at the end."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="embed")]
+    nodes += [helper.make_node("MatMul", ["x", f"W{t}"], [t], name=f"{t}_proj") for t in "qkv"]
+    for t in "qkv":
+        nodes += [helper.make_node("Reshape", [t, "heads"], [f"{t}4"], name=f"{t}_heads"),
+                  helper.make_node("Transpose", [f"{t}4"], [f"{t}h"], name=f"{t}_transpose", perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["kh"], ["kt"], name="k_t", perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qh", "kt"], ["scores"], name="qk"),
+              helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "vh"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="ctx_transpose", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "merge"], ["merged"], name="merge_heads"),
+              helper.make_node("MatMul", ["merged", "Wo"], ["o"], name="o_proj"),
+              helper.make_node("Gelu", ["o"], ["g"], name="activation"),
+              helper.make_node("MatMul", ["g", "W"], ["logits"], name="lm_head")]
+    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["B", "S", 9])]
+    opsets = [helper.make_opsetid("", 20)]
+    if custom:
+        nodes.append(helper.make_node("Mystery", ["logits"], ["extra"], name="mystery_node", domain="com.example"))
+        outputs.append(helper.make_tensor_value_info("extra", FLOAT, ["B", "S", 9]))
+        opsets.append(helper.make_opsetid("com.example", 1))
+    inits = {"E": f(9, D), "Wq": f(D, D), "Wk": f(D, D), "Wv": f(D, D), "Wo": f(D, D), "W": f(D, 9),
+             "heads": np.array([0, 0, H, HD]), "merge": np.array([0, 0, D])}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", INT64, ["B", "S"])], outputs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(31)
+
+
+def test_report_schema(rng, tmp_path):
+    report = eecompile.lint_model(_model(tmp_path / "m.onnx", rng))
+    assert set(report) >= {"model", "spaces", "inputs", "outputs", "unsupported_ops", "weaknesses", "policies",
+                           "summary"}
+    assert report["model"] == "m.onnx"
+    for space in report["spaces"]:
+        assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "tensors"}
+        assert space["basis"] in BASIS_ORDER
+        assert space["limited_by"] is None or set(space["limited_by"]) == {"node", "op_type", "reason"}
+    names = [s["name"] for s in report["spaces"]]
+    assert len(names) == len(set(names))
+    assert report["summary"] == {b: sum(s["basis"] == b for s in report["spaces"])
+                                 for b in {s["basis"] for s in report["spaces"]}}
+    assert [i["name"] for i in report["inputs"]] == ["ids"] and [o["name"] for o in report["outputs"]] == ["logits"]
+    assert report["unsupported_ops"] == []
+    assert any("substitution cipher" in w for w in report["weaknesses"])
+    assert any("attention patterns" in w for w in report["weaknesses"])
+
+
+def test_renderings_name_every_space_and_unsupported_node(rng, tmp_path):
+    path = _model(tmp_path / "m.onnx", rng, custom=True)
+    with unregistered("Gelu"):
+        report = eecompile.lint_model(path)
+    unsupported = {u["node"]: u for u in report["unsupported_ops"]}
+    assert set(unsupported) == {"activation", "mystery_node"}
+    assert unsupported["mystery_node"]["domain"] == "com.example"
+    text, markdown = render_text(report), render_markdown(report)
+    assert len(report["spaces"]) >= 5
+    for space in report["spaces"]:
+        assert space["name"] in text
+        assert f"`{space['name']}`" in markdown
+        assert space["basis"] in text
+    for node in ("activation", "mystery_node"):
+        assert node in text and f"`{node}`" in markdown
+    assert "com.example::Mystery" in text and "ai.onnx::Gelu" in markdown
+    assert "unsupported ops" in text.lower()
+    for weakness in report["weaknesses"]:
+        assert weakness in text and weakness in markdown
+    for io in report["inputs"] + report["outputs"]:
+        assert f"{io['name']}: {io['protection']}" in text
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| `")]
+    assert len(table_rows) == len(report["spaces"])
+
+
+def test_renderings_without_unsupported_ops(rng, tmp_path):
+    report = eecompile.lint_model(_model(tmp_path / "m.onnx", rng))
+    text, markdown = render_text(report), render_markdown(report)
+    assert "unsupported ops" not in text
+    assert "## Unsupported ops\n\nnone" in markdown
+    summary = text.splitlines()[2]
+    assert summary.startswith(f"spaces: {len(report['spaces'])} (")
+
+
+def test_compile_writes_the_same_report(rng, tmp_path):
+    path = _model(tmp_path / "m.onnx", rng)
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    lint = eecompile.lint_model(path)
+    assert [s["name"] for s in result.report["spaces"]] == [s["name"] for s in lint["spaces"]]
+    assert [s["basis"] for s in result.report["spaces"]] == [s["basis"] for s in lint["spaces"]]
+    assert result.report["verification"]["checked"]
+    assert (tmp_path / "out" / "report.md").read_text() == render_markdown(result.report)
+
+
+@pytest.mark.xfail(strict=True, reason="report._space_entry lists only the tensors noted on top-level spaces; "
+                   "tensors carried by split blocks (per-head Q/K/V after the heads Reshape, attention context, KV "
+                   "caches, a flat tensor after RotaryEmbedding) are noted on child leaves and appear nowhere")
+def test_every_protected_tensor_is_listed(rng, tmp_path):
+    path = _model(tmp_path / "m.onnx", rng)
+    mg = ModelGraph(infer_shapes(load_model(path)))
+    normalize(mg)
+    analysis = analyze(ModelGraph(infer_shapes(mg.export())))
+    protected = {name for name, ann in analysis.ctx.ann.items() if isinstance(ann, Protected)}
+    assert {"qh", "kh", "vh", "ctx"} <= protected
+    listed = {t for s in eecompile.lint_model(path)["spaces"] for t in s["tensors"]}
+    assert protected <= listed, sorted(protected - listed)
