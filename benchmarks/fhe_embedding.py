@@ -147,7 +147,9 @@ class Ckks:
         return out
 
     def mul(self, a, b):
-        """Ciphertext product, relinearized and rescaled; the scale is set back to 2^40."""
+        """Ciphertext product, relinearized and rescaled. The scale is kept exact
+        (``s_a s_b / q``, not forced back to 2^40): the plaintexts that meet it later are
+        encoded at scales that bring every sum back to exactly 2^40."""
         if self.level(a) > self.level(b):
             a = self.at(a, b.parms_id())
         elif self.level(b) > self.level(a):
@@ -156,22 +158,23 @@ class Ckks:
         self.evaluator.multiply(a, b, out)
         self.evaluator.relinearize_inplace(out, self.relin_keys)
         self.evaluator.rescale_to_next_inplace(out)
-        # scale is now DELTA^2 / q (|q / 2^40 - 1| < 1e-5); setting it to DELTA, as TenSEAL
-        # does, keeps every ciphertext addable at the cost of a ~1e-6 relative error per level.
-        out.scale = DELTA
         return out
 
-    def dot_plain(self, cts, pts):
-        """sum_k cts[k] * pts[k] (all at one level, pts encoded at scale q_last), one rescale."""
+    def dot_plain(self, cts, pts, target: float = DELTA):
+        """sum_k cts[k] * pts[k], one rescale; ``pts[k]`` encoded at scale
+        ``target * q_last / cts[k].scale`` so that every product has scale ``target * q_last``."""
         ev = self.evaluator
+        product_scale = target * self.last_prime(cts[0].parms_id())
         acc = self.seal.Ciphertext()
         tmp = self.seal.Ciphertext()
         ev.multiply_plain(cts[0], pts[0], acc)
+        acc.scale = product_scale  # equal up to the last bit of a double
         for ct, pt in zip(cts[1:], pts[1:]):
             ev.multiply_plain(ct, pt, tmp)
+            tmp.scale = product_scale
             ev.add_inplace(acc, tmp)
         ev.rescale_to_next_inplace(acc)
-        acc.scale = DELTA  # exact: the plaintexts carried scale q_last
+        acc.scale = target
         return acc
 
     def real_part_x2(self, ct):
@@ -255,19 +258,32 @@ class IVE:
         return giants
 
     def prepare(self, query) -> float:
-        """Pre-encode the coefficient plaintexts at the levels the evaluation uses (server setup, once per table)."""
+        """Pre-encode the coefficient plaintexts (server setup, once per table).
+
+        A dry run on one query gives the level and exact scale of every baby and giant power
+        (both depend only on the circuit, not on the data). Baby ``b`` of row ``a`` is
+        encoded at scale ``target_a * q_low / scale(z^b)``, so ``inner_a`` comes out at
+        exactly ``target_a = 2^40 q_a / scale(z^(am))``, and ``z^(am) * inner_a`` at exactly 2^40.
+        """
         t0 = clock()
         he = self.he
-        babies = self._babies(query[0])
-        low = babies[-1].parms_id() if self.m > 1 else query[0].parms_id()
+        babies = self._babies(query[0])[1:]
+        giants = self._giants(query[1])
+        low = babies[-1].parms_id()
         q_low = he.last_prime(low)
-        probe = he.at(babies[1], low)
-        dummy = he.dot_plain([probe], [he.encode(self._tile(np.ones(self.d)), low, q_low)])
-        inner_id = dummy.parms_id()
+        inner_id = he.dot_plain([he.at(babies[0], low)], [he.encode(np.ones(1), low, q_low)]).parms_id()
+        inner_level = self.he.context.get_context_data(inner_id).chain_index()
+        self._targets = [DELTA]
+        for a in range(1, self.giants):
+            g = giants[a]
+            where = g.parms_id() if he.level(g) < inner_level else inner_id
+            self._targets.append(DELTA * he.last_prime(where) / g.scale)
         self._pts = []
         for a in range(self.giants):
-            row = [he.encode(self._tile(self.coeffs[a * self.m + b]), low, q_low) for b in range(1, self.m)]
-            const = he.encode(self._tile(self.coeffs[a * self.m]), inner_id, DELTA)
+            target = self._targets[a]
+            row = [he.encode(self._tile(self.coeffs[a * self.m + b]), low, target * q_low / babies[b - 1].scale)
+                   for b in range(1, self.m)]
+            const = he.encode(self._tile(self.coeffs[a * self.m]), inner_id, target)
             self._pts.append((row, const))
         self._low = low
         return clock() - t0
@@ -280,9 +296,13 @@ class IVE:
         out = None
         for a in range(self.giants):
             row, const = self._pts[a]
-            inner = he.dot_plain(babies, row)
+            inner = he.dot_plain(babies, row, self._targets[a])
             he.evaluator.add_plain_inplace(inner, const)
-            term = inner if a == 0 else he.mul(giants[a], inner)
+            if a == 0:
+                term = inner
+            else:
+                term = he.mul(giants[a], inner)
+                term.scale = DELTA  # scale(z^(am)) * target_a / q_a == 2^40 up to rounding
             if out is None:
                 out = term
             else:
@@ -620,10 +640,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("vocabulary size p")
         ax.set_title(f"d = {d}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("server ms per lookup (amortized)")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle("Private embedding lookup: EE vs CKKS (TenSEAL/SEAL), CPU")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("server ms per lookup (amortized, CPU time)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.suptitle("Private embedding lookup: EE vs CKKS (TenSEAL/SEAL), 1 CPU thread", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
