@@ -154,8 +154,8 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
         check_structure(server_model, server_path)
         client = Client(boundary, model_id(staging / "server"))
         client.save(staging / "client", extra={"key_fingerprint": key.fingerprint()},
-                    input_types=_elem_types(server_model.graph.input),
-                    output_types=_elem_types(server_model.graph.output))
+                    input_types=_value_types(server_model.graph.input),
+                    output_types=_value_types(server_model.graph.output))
         if verify:
             result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds)
         else:
@@ -171,5 +171,5 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)
 
 
-def _elem_types(values) -> dict[str, int]:
-    return {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+def _value_types(values) -> dict[str, onnx.TypeProto]:
+    return {v.name: v.type for v in values if v.type.tensor_type.elem_type}

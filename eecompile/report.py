@@ -40,6 +40,9 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
             break
     if limit is None and len(blocks) > 1:
         limit = spaces.root_leaf(Ref(root)).split_by
+    tensors = list(leaf.tensors)
+    for b in blocks:
+        tensors.extend(t for t in spaces.root_leaf(b).tensors if t not in tensors)
     return {
         "name": leaf.name,
         "size": leaf.size,
@@ -48,7 +51,7 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
         "blocks": len(blocks),
         "limited_by": None if limit is None else {"node": limit.node, "op_type": limit.op_type,
                                                   "reason": limit.reason},
-        "tensors": list(leaf.tensors),
+        "tensors": tensors,
     }
 
 
@@ -95,6 +98,8 @@ def _protection(analysis: Analysis, tensor) -> str:
     ann = analysis.ctx.get(tensor)
     spaces = analysis.ctx.spaces
     if isinstance(ann, IndexValues):
+        if spaces.cls(ann.ref) == BasisClass.CLEAR:
+            return "clear"
         return f"permuted index values ({spaces.size(ann.ref)} classes)"
     if isinstance(ann, Protected):
         classes = {describe(spaces.cls(r)) for r in spaces.expand(ann.refs)}

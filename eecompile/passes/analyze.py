@@ -19,8 +19,9 @@ from eecompile.passes.graph import ModelGraph
 from eecompile.passes.rules import SHAPE_ONLY_OPS, PatternInstance, patterns, rule_for
 from eecompile.passes.spaces import BasisClass, Limit
 
-STATE_INPUT = re.compile(r"(^|[._/])past([._/]|_key|_value|$)|^past", re.IGNORECASE)
-STATE_OUTPUT = re.compile(r"(^|[._/])present([._/]|_key|_value|$)|^present", re.IGNORECASE)
+STATE_INPUT = re.compile(r"(^|[._/])past(_key_values\b|_key\b|_value\b|[._/]\d)", re.IGNORECASE)
+STATE_OUTPUT = re.compile(r"(^|[._/])present(_key_values\b|_key\b|_value\b|[._/]\d|[._/]key\b|[._/]value\b)",
+                          re.IGNORECASE)
 
 
 @dataclass
@@ -128,6 +129,14 @@ def _tie_vocabulary(result: Analysis) -> None:
     ids = [a for a in ids if isinstance(a, IndexValues)]
     for tensor in result.mg.graph.outputs:
         ann = ctx.get(tensor)
+        if isinstance(ann, IndexValues):  # generated ids (in-graph ArgMax/TopK) must feed back as input ids
+            for index in ids:
+                if ctx.spaces.size(index.ref) == ctx.spaces.size(ann.ref):
+                    ctx.spaces.union(index.ref, ann.ref, Limit(f"output:{tensor.name}", "Output",
+                                     "generated ids share the token-id permutation so they feed back"))
+                    result.policies.append(f"vocabulary tie: output '{tensor.name}' uses the token-id permutation")
+                    break
+            continue
         if not isinstance(ann, Protected) or ann.head_axis is not None:
             continue
         blocks = ctx.blocks(ann)

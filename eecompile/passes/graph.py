@@ -61,6 +61,8 @@ class ModelGraph:
     def __init__(self, model: onnx.ModelProto, base_dir: str | Path = ".", store: TensorStore | None = None) -> None:
         self.opset_imports = {o.domain or "": o.version for o in model.opset_import}
         self.ir_version = model.ir_version
+        self.metadata = {p.key: p.value for p in model.metadata_props}
+        self.producer = (model.producer_name, model.producer_version)
         self.store = store or TensorStore()
         self.graph: gs.Graph = gs.import_onnx(model)
         for tensor in self.graph.tensors().values():
@@ -135,6 +137,9 @@ class ModelGraph:
         """The graph as an ONNX model (opset imports preserved)."""
         model = gs.export_onnx(self.graph, do_type_check=False)
         model.ir_version = self.ir_version
+        model.producer_name, model.producer_version = self.producer
+        if self.metadata:
+            onnx.helper.set_model_props(model, self.metadata)
         del model.opset_import[:]
         for domain, version in sorted(self.opset_imports.items()):
             model.opset_import.append(onnx.helper.make_opsetid(domain, version))

@@ -64,7 +64,10 @@ def boundary_transform(name: str, ann, ctx: FoldContext, state: bool, rank: int 
     if state:
         return BoundaryTransform(name, "state")
     if isinstance(ann, IndexValues):
-        return BoundaryTransform(name, "index", index=ctx.basis(ann.ref))
+        basis = ctx.basis(ann.ref)
+        if basis.is_identity:
+            return BoundaryTransform(name, "clear")
+        return BoundaryTransform(name, "index", index=basis)
     if isinstance(ann, Protected):
         heads = [ctx.axis_basis(ann)] if ann.head_axis is None else ctx.head_bases(ann)
         if all(h.is_identity for h in heads):

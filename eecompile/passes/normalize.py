@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from eecompile.passes.graph import ModelGraph
 from eecompile.passes.rules import SHAPE_ONLY_OPS
+from eecompile.passes.store import shared_values
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 
@@ -35,10 +36,10 @@ def normalize(mg: ModelGraph) -> NormalizeResult:
     """Rewrite ``mg`` in place into the canonical form the analysis expects."""
     result = NormalizeResult()
     _name_nodes(mg)
-    _fold_static_shapes(mg)
     _lift_constants(mg, result)
     _fold_constant_transposes(mg, result)
     mg.refresh()
+    _fold_static_shapes(mg)
     _fold_gains(mg, result)
     _clone_shared(mg, result)
     mg.refresh()
@@ -160,10 +161,10 @@ def _clone_shared(mg: ModelGraph, result: NormalizeResult) -> None:
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant):
                 continue
-            if int(np.prod(tensor.shape)) < 2 or not np.issubdtype(np.dtype(tensor.dtype), np.floating):
+            if not np.issubdtype(np.dtype(tensor.dtype), np.floating):
                 continue
             count = seen.get(id(tensor), 0)
             seen[id(tensor)] = count + 1
-            if count:  # the clone shares the (read-only) values until a fold replaces them
-                node.inputs[i] = gs.Constant(f"{tensor.name}_clone{count}", tensor._values)
+            if count:  # the clone reads the same data until a fold replaces its values
+                node.inputs[i] = gs.Constant(f"{tensor.name}_clone{count}", shared_values(tensor._values))
                 result.clones += 1

@@ -211,6 +211,7 @@ class SpaceTable:
             self.clear(rb, limit)
             return
         # keep the older leaf as root so names and derivations are stable
+        self._perm_union(ra.space, rb.space)  # before re-parenting: perm_root follows class roots
         root, child = (ra, rb) if ra.space < rb.space else (rb, ra)
         lroot, lchild = self.leaves[root.space], self.leaves[child.space]
         lchild.parent = root.space
@@ -223,7 +224,6 @@ class SpaceTable:
         lroot.limits.extend(lim for lim in lchild.limits if lim not in lroot.limits)
         lroot.cls = merged
         lroot.tensors.extend(t for t in lchild.tensors if t not in lroot.tensors)
-        self._perm_union(root.space, child.space)
         if lroot.children:
             for c_root, c_child in zip(lroot.children, lchild.children):
                 self.union(Ref(c_root), Ref(c_child, lchild.parity), limit)

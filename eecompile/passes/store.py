@@ -49,6 +49,18 @@ class FileValues(LazyValues):
         return data.reshape(self.shape)
 
 
+def shared_values(values):
+    """Values for a second constant reading the same data (graphsurgeon exports a LazyValues'
+    TensorProto under its owner's name, so two constants must never share one)."""
+    if isinstance(values, FileValues):
+        return FileValues(values.path, values.offset, values.shape, values.np_dtype, values.tensor.name)
+    if isinstance(values, LazyValues):
+        proto = onnx.TensorProto()
+        proto.CopyFrom(values.tensor)
+        return LazyValues(proto)
+    return values
+
+
 def external_values(tensor: onnx.TensorProto, base_dir: Path) -> FileValues | None:
     """A :class:`FileValues` for an initializer stored as ONNX external data, else None."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:

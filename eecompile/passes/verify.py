@@ -91,8 +91,14 @@ def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
         return float("inf")
     if expected.size == 0:
         return 0.0
-    scale = float(np.max(np.abs(expected)))
-    err = float(np.max(np.abs(expected - actual)))
+    finite = np.isfinite(expected)
+    same_special = np.where(finite, np.isfinite(actual), (expected == actual) | (np.isnan(expected) & np.isnan(actual)))
+    if not np.all(same_special):
+        return float("inf")  # a NaN or an infinity where the other has none (or another)
+    if not np.any(finite):
+        return 0.0
+    scale = float(np.max(np.abs(expected[finite])))
+    err = float(np.max(np.abs(expected[finite] - actual[finite])))
     return err / scale if scale > 0 else err
 
 
@@ -122,7 +128,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         for name, exp in zip(names, expected):
             err = relative_error(exp, decrypted[name])
             worst = max(worst, err)
-            if err > tolerance:
+            if not err <= tolerance:
                 raise VerificationError(f"compiled model output '{name}' differs from the original "
                                         f"(relative error {err:.2e} > {tolerance:.0e})")
     return VerifyResult(True, worst, f"max relative error {worst:.2e} over {len(feeds_list or seeds)} input(s)")

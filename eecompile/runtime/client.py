@@ -84,7 +84,8 @@ class Client:
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None,
-             input_types: dict[str, int] | None = None, output_types: dict[str, int] | None = None) -> Path:
+             input_types: dict[str, onnx.TypeProto] | None = None,
+             output_types: dict[str, onnx.TypeProto] | None = None) -> Path:
         """Write the bundle (manifest, arrays, encrypt.onnx, decrypt.onnx) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def _flat(axis_basis: AxisBasis, inverse: bool) -> Basis:
 
 
 def build_client_model(transforms: list[BoundaryTransform], direction: str,
-                       elem_types: dict[str, int]) -> onnx.ModelProto:
+                       types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
     """An ONNX model applying the transforms (``encrypt`` forward, ``decrypt`` inverse).
 
     Inputs keep the boundary names; outputs are named ``<name>_encrypted`` /
@@ -192,10 +193,15 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
     suffix = "_decrypted" if inverse else "_encrypted"
     nodes, inits, inputs, outputs = [], [], [], []
     for i, t in enumerate(transforms):
-        elem = elem_types.get(t.name, TensorProto.INT64 if t.kind == "index" else TensorProto.FLOAT)
-        inputs.append(helper.make_tensor_value_info(t.name, elem, None))
         out = t.name + suffix
-        outputs.append(helper.make_tensor_value_info(out, elem, None))
+        if t.name in types:
+            elem = types[t.name].tensor_type.elem_type
+            inputs.append(helper.make_value_info(t.name, types[t.name]))
+            outputs.append(helper.make_value_info(out, types[t.name]))
+        else:
+            elem = TensorProto.INT64 if t.kind == "index" else TensorProto.FLOAT
+            inputs.append(helper.make_tensor_value_info(t.name, elem, None))
+            outputs.append(helper.make_tensor_value_info(out, elem, None))
         p = f"t{i}"
         if t.kind == "index":
             perm = t.index.index_map()

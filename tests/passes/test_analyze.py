@@ -199,12 +199,13 @@ def test_past_and_present_are_state(rng, build, lint, tmp_path):
 
 
 def test_state_names(build):
-    """``past``/``present`` as words of a name mark state; the letters inside another word do not."""
-    pairs = (("past_key_values.0.key", "present.0.key"), ("compass", "representative"), ("x_past", "y"))
+    """KV-cache names (past_key_values.N / past_key / present.N) mark state; other uses of the words do not."""
+    pairs = (("past_key_values.0.key", "present.0.key"), ("compass", "representative"), ("x_past", "y"),
+             ("past_values", "future_values"))
     nodes = [helper.make_node("Identity", [i], [o]) for i, o in pairs]
     path = build(nodes, [(i, FLOAT, [2]) for i, _ in pairs], [(o, FLOAT, [2]) for _, o in pairs])
     analysis = _analysis(path)
-    assert analysis.state_inputs == ["past_key_values.0.key", "x_past"]
+    assert analysis.state_inputs == ["past_key_values.0.key"]
     assert analysis.state_outputs == ["present.0.key"]
 
 

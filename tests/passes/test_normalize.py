@@ -94,9 +94,6 @@ def test_untying_a_large_table_is_stated_in_the_report_policy(make_model, rng, b
     assert any("untied" in p and "E" in p for p in policies), policies
 
 
-@pytest.mark.xfail(strict=True, reason="normalize: graphsurgeon's fold_constants (_fold_static_shapes) folds "
-                   "Transpose(E) first for tables under 1 MiB, so _fold_constant_transposes never sees it, "
-                   "NormalizeResult.transposes_folded stays empty and the report omits the untying policy")
 def test_untying_a_small_table_is_stated_in_the_report_policy(make_model, rng, build, lint):
     model = _tied(make_model, rng, 12, 4)
     path = build(model)
@@ -201,7 +198,6 @@ CLONE_BUG = ("normalize._clone_shared builds the clone as gs.Constant(name, tens
              "is not unique), and the re-imported graph loses the first consumer's weight")
 
 
-@pytest.mark.xfail(strict=True, reason=CLONE_BUG)
 def test_shared_initializers_are_cloned(make_model, rng):
     w = _f(rng, 4, 4)
     model = make_model(
@@ -222,7 +218,6 @@ def test_shared_initializers_are_cloned(make_model, rng):
     _assert_same_function(model, exported, {"x": _f(rng, 2, 4), "z": _f(rng, 2, 4)})
 
 
-@pytest.mark.xfail(strict=True, reason=CLONE_BUG)
 def test_shared_weight_compiles_exactly_with_two_bases(rng, build, compile_exact, lint):
     """One initializer feeding two MatMuls whose inputs live in different spaces."""
     path = build([helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),

@@ -311,8 +311,6 @@ def test_union_keeps_the_permutation_group_when_the_new_root_is_older():
     assert t.perm_root(a) == t.perm_root(b) == t.perm_root(c)
 
 
-@pytest.mark.xfail(strict=True, reason="SpaceTable.union re-parents a permutation-linked root under an older "
-                   "root before _perm_union, so the merge is a no-op and the link is lost")
 def test_union_keeps_the_permutation_group_when_the_linked_space_becomes_a_child():
     """BatchNorm links conv-out (b) and bn-out (c); a residual Add then unites c with an older space (a).
     b and c must still share one permutation, or BatchNorm's fold cannot be expressed."""

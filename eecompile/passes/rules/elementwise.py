@@ -98,8 +98,11 @@ class BinaryRule(OpRule):
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
         other = ctx.get(node.inputs[1 - index])
         if node.op in ("Add", "Sub") and isinstance(other, Protected):
-            if ctx.rank(node.inputs[index]) == ctx.rank(node.inputs[1 - index]):
-                return other
+            mine, theirs = ctx.shape(node.inputs[index]), ctx.shape(node.inputs[1 - index])
+            if mine is not None and theirs is not None and len(mine) == len(theirs) \
+                    and mine[other.axis] == theirs[other.axis] and (
+                        other.head_axis is None or mine[other.head_axis] == theirs[other.head_axis]):
+                return other  # a full-size operand; a broadcast one stays clear
         return None
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
@@ -178,6 +181,9 @@ class BinaryRule(OpRule):
             return p  # a slice of a constant table (e.g. positions[:S]): the table is folded
         if value is not None:
             flat = constant_along(value, p.axis, ry)
+            if not np.all(np.isfinite(value)) and op in ("Add", "Sub", "Mul", "Div"):
+                ctx.restrict(p, BasisClass.POSITIVE_MONOMIAL, node,
+                             "an infinite constant survives only positive scaling and permutation")
             if op in ("Add", "Sub"):
                 return p
             if op == "Mul" or (op == "Div" and index == 0):
@@ -306,7 +312,11 @@ class WhereRule(OpRule):
                 prot[0], prot[1], node, "both branches of a selection share one basis")
         else:
             other = y if isinstance(anns[1], Protected) else x
-            ok = ok and ctx.const(other) is not None
+            value = ctx.const(other)
+            ok = ok and value is not None
+            if ok and not np.all(np.isfinite(value)):
+                ctx.restrict(p, BasisClass.POSITIVE_MONOMIAL, node,
+                             "an infinite fill value survives only positive scaling and permutation")
         if not ok:
             ctx.clear_all(node, "Where selecting along the protected axis, or with a clear activation branch")
             return

@@ -52,6 +52,9 @@ class ReduceRule(OpRule):
             ctx.clear(x, node, "reduction over attention heads")
             ctx.set(y, None)
             return
+        if node.op in ("ReduceMax", "ReduceMin"):
+            ctx.restrict(x, BasisClass.POSITIVE_MONOMIAL, node,
+                         f"{node.op} beside the protected axis commutes only with positive monomial bases")
         keep = node.attrs.get("keepdims", 1)
         ctx.set(y, x if keep else _renumber(x, axes))
 

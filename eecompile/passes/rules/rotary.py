@@ -83,9 +83,10 @@ class _RotateHalfInstance(PatternInstance):
         ok = isinstance(x, Protected) and x.axis == rank - 1
         if ok and x.head_axis is None and len(ctx.blocks(x)) != 1:
             ok = False
-        if not ok or any(ctx.get(t) is not None for t in self.trig):
-            for t in [self.x, *self.trig]:
-                ctx.clear(ctx.get(t), self.anchor, "rotate_half over an unrecognised layout")
+        for t in self.trig:  # cos/sin must be clear; clearing them is always allowed
+            ctx.clear(ctx.get(t), self.anchor, "rotary cos/sin tables must be clear")
+        if not ok:
+            ctx.clear(x, self.anchor, "rotate_half over an unrecognised layout")
             ctx.set(out, None)
             return
         refs = x.refs if x.head_axis is not None else ctx.blocks(x)

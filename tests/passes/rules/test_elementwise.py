@@ -96,10 +96,6 @@ def test_adding_two_protected_spaces_of_different_sizes_clears_both(rng, build, 
     compile_exact(path, {"x": _f(rng, 3, 4)})
 
 
-@pytest.mark.xfail(strict=True, reason="BinaryRule.bind_input gives a graph input broadcast along the protected "
-                   "axis ([B,1] + [B,D]) the other operand's size-D space (it checks only equal ranks): lint reports "
-                   "the input as protected, and compile fails in the client's encrypt with FeedError "
-                   "'has size 1 on axis 1; the model expects 6'")
 def test_graph_input_broadcast_along_the_protected_axis(rng, build, lint, compile_exact):
     path = build([_mm("x", "W1", "h"), helper.make_node("Add", ["h", "row"], ["s"], name="add"), _mm("s", "W3", "y")],
                  [("x", FLOAT, ["B", 4]), ("row", FLOAT, ["B", 1])], [("y", FLOAT, ["B", 3])],
@@ -124,9 +120,6 @@ def test_constant_vector_and_scalar_additions_are_folded(rng, build, lint, compi
     assert not np.allclose(_init(result.server_model, "c"), _init(path, "c"))
 
 
-@pytest.mark.xfail(strict=True, reason="elementwise BinaryRule.fold rewrites a shared scalar constant in place "
-                   "(FoldContext.set_const) for each consumer, and normalize._clone_shared skips constants of "
-                   "size < 2, so the second Add folds an already-folded value: VerificationError at compile")
 def test_shared_scalar_added_in_two_spaces(rng, build, lint, compile_exact):
     path = build([_mm("x", "W1", "a"), helper.make_node("Add", ["a", "one"], ["a1"], name="add1"), _mm("a1", "W2", "y"),
                   _mm("x", "W3", "b"), helper.make_node("Add", ["b", "one"], ["b1"], name="add2"), _mm("b1", "W4", "z")],
@@ -260,9 +253,6 @@ def test_where_selecting_along_the_protected_axis_clears_it(rng, build, lint, co
     compile_exact(path, {"x": _f(rng, 3, 4)})
 
 
-@pytest.mark.xfail(strict=True, reason="WhereRule.fold multiplies a -inf fill by a dense basis (-inf·1·T has "
-                   "+inf and -inf terms: NaN after decryption), and verify_equivalence lets NaN errors pass, "
-                   "so compile succeeds with a wrong model")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_where_with_an_infinite_fill(rng, build, lint, compile_exact):
     path = build([_mm("x", "W1", "h"), helper.make_node("Where", ["cond", "h", "fill"], ["w"], name="masked_fill")],

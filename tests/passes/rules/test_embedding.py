@@ -94,9 +94,6 @@ def test_ids_indexing_tables_of_different_sizes_are_cleared(rng, build, lint, co
     compile_exact(path, {"ids": rng.integers(0, 11, (2, 3)).astype(np.int64)})
 
 
-@pytest.mark.xfail(strict=True, reason="an index input whose space was cleared keeps kind 'index' with an identity "
-                   "permutation: insert.BoundaryTransform.protection (and report._protection for lint) still say "
-                   "'permuted index values (11 classes)' although the client sends the ids in clear")
 def test_cleared_ids_are_reported_clear(rng, build, lint, tmp_path):
     path = _two_table_sizes(build, rng)
     result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")

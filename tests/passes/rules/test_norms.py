@@ -156,9 +156,6 @@ def test_batchnorm_reading_a_graph_input_leaves_it_clear(rng, build, lint, compi
     compile_exact(path, {"x": _f(rng, 2, C, 3, 3)})
 
 
-@pytest.mark.xfail(strict=True, reason="SpaceTable.union drops the BatchNorm permutation link when the residual "
-                   "Add makes the BN output a child of the older skip space; fold then raises AssertionError "
-                   "'BatchNormalization spaces do not share their permutation'")
 def test_residual_block_conv_batchnorm_add(rng, build, lint, compile_exact):
     """ResNet's basic block: relu(conv0(x)) + bn(conv1(relu(conv0(x))))."""
     path = build([helper.make_node("Conv", ["x", "W0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),

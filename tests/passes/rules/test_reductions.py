@@ -114,9 +114,6 @@ def test_sum_beside_the_axis_keeps_any_basis(rng, build, lint, compile_exact):
     compile_exact(path, {"x": _f(rng, 2, 5, 4)})
 
 
-@pytest.mark.xfail(strict=True, reason="ReduceRule passes ReduceMax/ReduceMin beside the protected axis through "
-                   "with no restriction, but an elementwise max over rows commutes only with positive monomial "
-                   "bases: with a dense basis compile raises VerificationError")
 def test_max_beside_the_axis(rng, build, lint, compile_exact):
     """Global max pooling over tokens, ``amax(h, dim=1)``."""
     path = build([_mm("x", "W1", "h"), helper.make_node("ReduceMax", ["h", "axes"], ["m"], name="max_rows",
@@ -155,9 +152,6 @@ def _greedy_lm(build, rng):
                  [("ids", INT64, ["B"])], [("next_id", INT64, ["B"])], {"E": _f(rng, 7, 4), "W": _f(rng, 4, 7)})
 
 
-@pytest.mark.xfail(strict=True, reason="analyze._tie_vocabulary ties only Protected (logits) outputs to the token-id "
-                   "permutation; an ArgMax/TopK output (IndexValues over the logits space) keeps its own permutation, "
-                   "so the server's generated id cannot be fed back as the next input id")
 def test_generated_ids_use_the_token_id_permutation(rng, build, tmp_path):
     path = _greedy_lm(build, rng)
     result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")

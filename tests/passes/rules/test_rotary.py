@@ -113,9 +113,6 @@ def test_decomposed_rotate_half(rng, build, lint, compile_exact):
     compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
 
 
-@pytest.mark.xfail(strict=True, reason="GatherRule.bind_input treats position_ids indexing a constant cos/sin table as "
-                   "token ids (a permuted 'substitution cipher' index space), the gathered cos/sin become protected, "
-                   "and _RotateHalfInstance.analyze then clears Q and K instead of only the trig spaces")
 def test_decomposed_rotate_half_with_gathered_cos_sin(rng, build, lint, compile_exact):
     rope, extra = _decomposed(rng, "gathered")
     nodes, inits = _attention(rng, rope, extra)
