@@ -122,6 +122,9 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
         out.append("attention patterns (softmax scores) are computed in clear on the server")
     if any(n.op in ("Conv", "MaxPool", "AveragePool") for n in analysis.mg.nodes):
         out.append("spatial layout (pixel positions) is not protected; only channels are")
+    if any(n.op in ("ArgMax", "ArgMin", "TopK") for n in analysis.mg.nodes):
+        out.append("ArgMax/ArgMin/TopK over a permuted axis break exact ties by permuted position, so a tied "
+                   "result may differ from the plaintext one (ties between distinct float scores are rare)")
     if analysis.unsupported:
         out.append(f"{len(analysis.unsupported)} node(s) without an op rule left their spaces in clear")
     clear = [e["name"] for e in entries if e["basis"] == "clear"]
