@@ -410,7 +410,7 @@ def plot(res: dict, path: Path) -> None:
         left += vals
     b.set_xlim(0, 1)
     b.set_xlabel("share of end-to-end time")
-    b.legend(fontsize=7, loc="lower right")
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     b.set_title("where the time goes")
     fig.suptitle(f"FastText on Debian fortunes ({len(res['classes'])} classes, p = {res['vocab']}, d = {res['dim']})")
     fig.tight_layout()
