@@ -19,6 +19,10 @@
    KV-cache IO, see :func:`~eecompile.models.export.export_llama_module`) and
    ``metrics.json``.
 
+On a machine whose cores are shared with other work, run it with ``OMP_WAIT_POLICY=PASSIVE``
+(OpenMP threads then sleep instead of spinning while they wait for each other): on an
+oversubscribed 2-core machine this made a training step 3-7x faster.
+
 Deterministic for a given seed, corpus package version and torch build (up to the
 floating-point nondeterminism of multi-threaded CPU kernels).
 """
