@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-wire", action="store_true",
                    help="print the token ids the server saw and produced (ciphertext) on stderr")
     p.set_defaults(func=_cmd_generate)
+
+    from eecompile.audit.cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub, FORMATS)
     return parser
 
 
