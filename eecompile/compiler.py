@@ -25,7 +25,7 @@ from eecompile.passes.normalize import normalize
 from eecompile.passes.plan import plan
 from eecompile.passes.verify import VerifyResult, check_structure, verify_equivalence
 from eecompile.report import build_report, render_markdown
-from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
+from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore, externalize
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
@@ -45,8 +45,8 @@ class CompileResult:
 
 
 def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
-    model_path = Path(model_path)
-    model = load_model(model_path)
+    model_path = Path(model_path).resolve()
+    model = externalize(load_model(model_path), store)
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
     normalized = normalize(mg)
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
@@ -56,7 +56,7 @@ def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, A
 def lint_model(model_path: str | Path) -> dict:
     """The lint report of a model (no key needed): what each space can be protected by."""
     with tempfile.TemporaryDirectory(prefix="eecompile-lint-") as work:
-        store = TensorStore(Path(work) / "scratch.bin")
+        store = TensorStore(Path(work).resolve() / "scratch.bin")
         _, analysis, normalized = _analysed(model_path, store)
         store.close()
         return build_report(analysis, normalized, Path(model_path).name)
@@ -141,8 +141,8 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     load_model(model_path)  # fail on a bad model before anything is created
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".eecompile-") as staging:
-        staging = Path(staging)
+    with tempfile.TemporaryDirectory(dir=out.resolve(), prefix=".eecompile-") as staging:
+        staging = Path(staging).resolve()
         store = TensorStore(staging / "scratch.bin")
         mg, analysis, normalized = _analysed(model_path, store)
         bases = plan(analysis, key)

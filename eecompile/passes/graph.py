@@ -71,6 +71,10 @@ class ModelGraph:
                 values = external_values(tensor._values.tensor, Path(base_dir))
                 if values is not None:
                     tensor._values = values
+            if isinstance(tensor, gs.Constant):
+                # Where values live is ours to track (FileValues / arrays); graphsurgeon's flag goes
+                # stale once its getter swaps a loaded array in, and would export data as "external".
+                tensor.data_location = None
         self.graph.toposort()
         self._refresh()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import helper
 
@@ -47,6 +48,25 @@ class FileValues(LazyValues):
             fh.seek(self.offset)
             data = np.fromfile(fh, dtype=self.np_dtype, count=count)
         return data.reshape(self.shape)
+
+
+def externalize(model: onnx.ModelProto, store: "TensorStore") -> onnx.ModelProto:
+    """Move large embedded initializers out of the protobuf into the store's scratch file.
+
+    A model under 2 GB carries its weights inside the protobuf; shape inference and every
+    export would copy them again. After this, the proto holds only external references.
+    """
+    if store.scratch is None:
+        return model
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < INLINE_BYTES:
+            continue
+        values = store.put(tensor.name, numpy_helper.to_array(tensor))
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        tensor.external_data.extend(values.tensor.external_data)
+    return model
 
 
 def shared_values(values):

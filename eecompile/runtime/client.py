@@ -28,8 +28,7 @@ def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray
     if t.kind in ("clear", "state"):
         return value
     if t.kind == "index":
-        perm = t.index.index_map()
-        table = perm if inverse else np.argsort(perm)
+        table = t.index.index_map() if inverse else t.index.inverse().index_map()
         ids = np.asarray(value)
         if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
             raise FeedError(f"'{t.name}' holds ids outside [0, {len(table)})")

@@ -24,7 +24,7 @@ def default_providers() -> list[str]:
 class EncryptedSession:
     """Runs a compiled model: encrypts feeds, runs the server model, decrypts outputs."""
 
-    def __init__(self, out_dir: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, out_dir: str | Path, providers: list[str] | None = None, sess_options=None) -> None:
         import onnxruntime as ort
 
         from eecompile.compiler import model_id
@@ -36,7 +36,7 @@ class EncryptedSession:
         self.client = Client.load(out / "client")
         if self.client.model_id != model_id(out / "server"):
             raise BundleError(f"client bundle in {out / 'client'} belongs to another compilation than {server}")
-        self.session = ort.InferenceSession(str(server), providers=providers or default_providers())
+        self.session = ort.InferenceSession(str(server), sess_options, providers=providers or default_providers())
 
     def get_inputs(self):
         """The server model's inputs (names, shapes and types are the original ones)."""
