@@ -111,7 +111,7 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
         data_path = server_dir / DATA_FILE
         with open(data_path, "wb") as fh:
             for c in constants:
-                array = np.ascontiguousarray(np.asarray(c.values))
+                array = np.asarray(c.values, order="C")  # keeps 0-d scalars 0-d
                 c.data_location = None
                 if array.nbytes < INLINE_BYTES:
                     c.values = array

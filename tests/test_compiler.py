@@ -267,3 +267,19 @@ def test_ort_transformer_optimizer_finds_the_same_fusions(name, model_type, expo
                          cfg["heads"], cfg["hidden"])
     assert plain, "the plaintext model should have some fusions"
     assert encrypted == plain
+
+
+def test_large_model_path_streams_weights_and_stays_exact(zoo, key_a, tmp_path, monkeypatch):
+    """The external-data emit path (used above 1 GiB) on a small model: exact, scalars keep their rank."""
+    import eecompile.compiler as compiler
+
+    monkeypatch.setattr(compiler, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(compiler, "INLINE_BYTES", 256)  # zoo weights are small: stream them all
+    model = zoo.export("llama", "legacy", 17)  # many scalar constants from the legacy exporter
+    result = compile_model(model, key_a, tmp_path / "out")
+    data = result.server_model.parent / compiler.DATA_FILE
+    assert data.is_file() and data.stat().st_size > 0
+    assert result.verification.checked and result.verification.max_relative_error <= TOLERANCE
+    served = onnx.load(str(result.server_model), load_external_data=False).graph.initializer
+    assert any(not list(t.dims) for t in served), "0-d constants must stay 0-d (ORT rejects [1] in Concat)"
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in served)

@@ -102,7 +102,7 @@ class TensorStore:
 
     def put(self, name: str, array: np.ndarray):
         """Store ``array``; returns what to assign to a ``gs.Constant``'s values."""
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")  # (ascontiguousarray would turn scalars into [1])
         if self.scratch is None or array.nbytes < INLINE_BYTES:
             return array
         if self._handle is None:
