@@ -51,8 +51,9 @@ def add_parser(sub, formats: tuple[str, ...]) -> argparse.ArgumentParser:
                         "(repeatable; replaces the simulated ones)")
     p.add_argument("--traffic", metavar="N,N,...", default="1000,10000,100000",
                    help="traffic sizes (tokens) for frequency analysis (default 1000,10000,100000)")
-    p.add_argument("--generated", metavar="N", type=int, default=100_000,
-                   help="tokens the server samples from the encrypted model itself (0: skip; default 100000)")
+    p.add_argument("--generated", metavar="N,N,...", default="100000",
+                   help="tokens the server samples from the encrypted model itself, for frequency analysis "
+                        "without client traffic (0: skip; default 100000)")
     p.add_argument("--no-mitigations", action="store_true", help="skip re-keys, key rotation and decoys")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for a first look (N up to 10000, fewer prompts and keys)")
@@ -72,11 +73,12 @@ def run_command(args: argparse.Namespace) -> int:
         raise AuditError(f"output directory not found: {out}" if not out.exists() else f"{out} is not a directory")
     if args.base_model is not None and not Path(args.base_model).is_file():
         raise AuditError(f"base model not found: {args.base_model}")
-    cfg = AuditConfig(traffic_tokens=_int_list(args.traffic), generated_tokens=max(0, args.generated),
+    generated = () if args.generated.strip() == "0" else _int_list(args.generated)
+    cfg = AuditConfig(traffic_tokens=_int_list(args.traffic), generated_tokens=generated,
                       mitigations=not args.no_mitigations)
     if args.quick:
         cfg.traffic_tokens = tuple(n for n in cfg.traffic_tokens if n <= 10_000) or (1_000,)
-        cfg.generated_tokens = min(cfg.generated_tokens, 10_000)
+        cfg.generated_tokens = tuple(min(n, 10_000) for n in cfg.generated_tokens)
         cfg.inversion_prompts, cfg.inversion_length = 2, 8
         cfg.rotation_periods, cfg.rotation_keys = (1_000,), 2
         cfg.decoys, cfg.decoy_tokens = ("uniform",), 2_000

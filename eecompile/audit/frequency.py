@@ -41,7 +41,7 @@ class NgramModel:
     tokens: int
 
     @classmethod
-    def fit(cls, docs: list[np.ndarray], vocab_size: int, lam2: float = 0.9, lam3: float = 0.6) -> "NgramModel":
+    def fit(cls, docs: list[np.ndarray], vocab_size: int, lam2: float = 0.5, lam3: float = 0.6) -> "NgramModel":
         V = vocab_size
         uni = np.zeros(V)
         big = np.zeros((V, V))
@@ -68,7 +68,6 @@ class NgramModel:
         ctx_total = np.bincount(inv, weights=counts)
         q = ctx % V
         r = ukeys % V
-        p = ctx // V
         w3 = lam3 * ctx_total[inv] / (ctx_total[inv] + 2.0)
         p3 = w3 * counts / ctx_total[inv] + (1 - w3) * bigram[q, r]
         return cls(V, uni, logp2, ukeys, np.log(p3).astype(np.float32), int(total))
@@ -125,10 +124,11 @@ class FrequencyGuess:
     swaps: dict[str, int] = field(default_factory=dict)
 
 
-def unigram_guess(stats: CipherStats, model: NgramModel) -> np.ndarray:
-    """Rank matching: the i-th most frequent ciphertext id -> the i-th most frequent reference token."""
+def unigram_guess(stats: CipherStats, model: NgramModel, seed: int = 0) -> np.ndarray:
+    """Rank matching: the i-th most frequent ciphertext id -> the i-th most frequent reference token
+    (ties among ciphertext ids broken at random, seeded)."""
     V = model.vocab_size
-    c_order = np.lexsort((np.arange(V), -stats.unigram))
+    c_order = np.lexsort((np.random.default_rng(seed).permutation(V), -stats.unigram))
     p_order = np.lexsort((np.arange(V), -model.unigram))
     mapping = np.empty(V, dtype=np.int64)
     mapping[c_order] = p_order
@@ -244,9 +244,16 @@ def climb(stats: CipherStats, model: NgramModel, mapping: np.ndarray, sweeps: in
     return m, total
 
 
+def bigram_loglik(stats: CipherStats, model: NgramModel, mapping: np.ndarray) -> float:
+    """Log-likelihood of the ciphertext bigrams under the reference model, given a guess."""
+    C = stats.bigram
+    rows, cols = np.nonzero(C)
+    return float(np.dot(C[rows, cols], model.bigram_logp[mapping[rows], mapping[cols]]))
+
+
 def frequency_attack(cipher_docs: list[np.ndarray], model: NgramModel, *, trigram: bool = True,
                      sweeps: int = 8, time_budget: float | None = None,
-                     temperatures: list[float] | None = None) -> FrequencyGuess:
+                     temperatures: list[float] | None = None, restarts: int = 1) -> FrequencyGuess:
     """Recover ``plain = mapping[cipher]`` from ciphertext traffic and reference statistics only."""
     if model.vocab_size > MAX_DENSE_VOCAB:
         raise ValueError(f"vocabularies above {MAX_DENSE_VOCAB} ids are not supported by the dense attack")
@@ -254,8 +261,16 @@ def frequency_attack(cipher_docs: list[np.ndarray], model: NgramModel, *, trigra
     stats = CipherStats.count(cipher_docs, model.vocab_size)
     guess = FrequencyGuess(unigram_guess(stats, model))
     guess.stages["unigram"] = guess.mapping.copy()
-    m, n = climb(stats, model, guess.mapping, sweeps=sweeps, deadline=deadline, temperatures=temperatures)
-    guess.stages["bigram"], guess.swaps["bigram"] = m.copy(), n
+    best, best_score, total = None, -np.inf, 0
+    for r in range(max(1, restarts)):
+        start = guess.mapping if r == 0 else unigram_guess(stats, model, seed=r)
+        m, n = climb(stats, model, start, sweeps=sweeps, deadline=deadline, temperatures=temperatures)
+        score = bigram_loglik(stats, model, m)
+        total += n
+        if score > best_score:
+            best, best_score = m, score
+    m = best
+    guess.stages["bigram"], guess.swaps["bigram"] = m.copy(), total
     if trigram and len(stats.trigrams):
         m, n = climb(stats, model, m, sweeps=3, trigrams=_Trigrams(stats, model), deadline=deadline)
         guess.stages["trigram"], guess.swaps["trigram"] = m.copy(), n
@@ -274,8 +289,13 @@ def token_accuracy(mapping: np.ndarray, cipher_docs: list[np.ndarray], truth_per
 def run_frequency(traffic: list[np.ndarray], reference: list[np.ndarray], encrypt, truth_perm: np.ndarray,
                   vocab_size: int, n_tokens: int, *, model_name: str = "", corpus: str = "",
                   ngram: NgramModel | None = None, time_budget: float | None = None,
-                  side: str = "") -> AttackResult:
-    """Encrypt the first ``n_tokens`` of ``traffic`` (the clients), attack, score against the truth."""
+                  side: str = "", repeats: int = 1, seed: int = 0) -> AttackResult:
+    """Encrypt the first ``n_tokens`` of ``traffic`` (the clients), attack, score against the truth.
+
+    With ``repeats > 1`` the same traffic is also attacked under ``repeats - 1`` other keys
+    (the ciphertext relabelled by random permutations): the search's outcome varies with the
+    key, so ``recovered`` is the mean and the details give each run.
+    """
     from eecompile.audit.text import take_tokens
 
     plain_docs = take_tokens(traffic, n_tokens)
@@ -285,28 +305,38 @@ def run_frequency(traffic: list[np.ndarray], reference: list[np.ndarray], encryp
         with Timer() as t_fit:
             ngram = NgramModel.fit(reference, vocab_size)
         fit_seconds = t_fit.seconds
-    with Timer() as t:
-        guess = frequency_attack(cipher_docs, ngram, time_budget=time_budget)
+    rng = np.random.default_rng(seed)
+    runs, seconds = [], []
+    for k in range(max(1, repeats)):
+        sigma = np.arange(vocab_size) if k == 0 else rng.permutation(vocab_size)
+        docs = [sigma[d] for d in cipher_docs]
+        truth = truth_perm[np.argsort(sigma)]
+        with Timer() as t:
+            guess = frequency_attack(docs, ngram, time_budget=time_budget)
+        seconds.append(t.seconds)
+        runs.append({k2: token_accuracy(v, docs, truth) for k2, v in guess.stages.items()})
+        if k == 0:
+            ids = np.concatenate(docs)
+            seen = np.unique(ids)
+            vocab_right = float(np.mean(guess.mapping[seen] == truth[seen]))
     n = int(sum(len(d) for d in cipher_docs))
-    stage_acc = {k: token_accuracy(v, cipher_docs, truth_perm) for k, v in guess.stages.items()}
-    ids = np.concatenate(cipher_docs)
-    seen = np.unique(ids)
-    vocab_right = float(np.mean(guess.mapping[seen] == truth_perm[seen]))
-    counts = np.bincount(truth_perm[ids], minlength=vocab_size)
-    baseline = float(np.sum((counts / counts.sum()) ** 2))  # guessing every id as the same token: best constant
+    last = list(runs[0])[-1]
+    final = [r[last] for r in runs]
+    stage_acc = {k2: float(np.mean([r[k2] for r in runs])) for k2 in runs[0]}
     return AttackResult(
         attack="frequency analysis",
         side_knowledge=side or (f"public tokenizer; disjoint English reference text ({ngram.tokens} tokens"
                                 f"{', ' + corpus if corpus else ''}); {n} encrypted traffic tokens"),
         target="token ids (vocabulary permutation)",
-        recovered=stage_acc[list(guess.stages)[-1]],
-        seconds=t.seconds + fit_seconds,
+        recovered=float(np.mean(final)),
+        seconds=float(np.mean(seconds)) + fit_seconds,
         metric="fraction of traffic tokens decrypted",
         regime="no base model",
         model=model_name,
         details={"N": n, "distinct_ids_seen": int(len(seen)), "seen_ids_right": vocab_right,
-                 "stages": stage_acc, "swaps": guess.swaps, "random_baseline": 1.0 / vocab_size,
-                 "reference_tokens": ngram.tokens},
+                 "stages": stage_acc, "keys": len(runs), "per_key": final, "min": float(np.min(final)),
+                 "max": float(np.max(final)), "random_baseline": 1.0 / vocab_size,
+                 "reference_tokens": ngram.tokens, "reference_fit_seconds": fit_seconds},
     )
 
 

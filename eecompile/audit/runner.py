@@ -27,8 +27,9 @@ RESULTS_LINK = "benchmarks/RESULTS.md#audit"
 class AuditConfig:
     """How much work the audit does (the defaults take a few minutes on a small model)."""
 
+    frequency: bool = True  # frequency analysis and known tokens on client traffic
     traffic_tokens: tuple[int, ...] = (1_000, 10_000, 100_000)
-    generated_tokens: int = 100_000
+    generated_tokens: tuple[int, ...] = (100_000,)
     known_tokens: tuple[int, ...] = (10, 100, 1_000, 10_000)
     public_changes: tuple[float, ...] = (0.01, 0.1, 0.5)
     inversion_prompts: int = 4
@@ -39,6 +40,7 @@ class AuditConfig:
     decoys: tuple[str, ...] = ("uniform", "unigram")
     decoy_tokens: int = 10_000
     time_budget: float | None = None  # per frequency-analysis run, seconds
+    frequency_keys: int = 1  # keys (ciphertext relabellings) averaged per traffic size up to 10^5 tokens
     seed: int = 0
 
 
@@ -163,24 +165,27 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
                 report.notes.append(f"the corpus gives {split.traffic_tokens} traffic tokens; larger N were cut to that")
             say("fitting reference n-grams")
             ngram = frequency.NgramModel.fit(split.reference, V)
-            for n in cfg.traffic_tokens:
+            for n in cfg.traffic_tokens if cfg.frequency else ():
                 n = min(n, split.traffic_tokens)
                 say(f"frequency analysis, N={n}")
                 results.append(frequency.run_frequency(split.traffic, split.reference, encrypt, perm, V, n,
                                                        model_name=name, corpus=corpus_name, ngram=ngram,
-                                                       time_budget=cfg.time_budget))
-            if _is_decoder(server) and cfg.generated_tokens:
-                say(f"frequency analysis on {cfg.generated_tokens} tokens the server samples itself")
+                                                       time_budget=cfg.time_budget,
+                                                       repeats=cfg.frequency_keys if n <= 100_000 else 1))
+            for n in cfg.generated_tokens if _is_decoder(server) else ():
+                say(f"frequency analysis on {n} tokens the server samples itself")
+                # the server sees which encrypted id starts the requests (the tokenizer's <s>)
                 starts = np.array([encrypt(d)[0] for d in split.traffic[:200]])
                 values, counts = np.unique(starts, return_counts=True)
                 results.append(frequency.run_generated_frequency(
-                    server, split.reference, perm, cfg.generated_tokens, values[counts == counts.max()],
+                    server, split.reference, perm, n, values[counts == counts.max()],
                     ngram=ngram, model_name=name, encrypt=encrypt, seed=cfg.seed,
                     eval_docs=_take(split.traffic, max(cfg.traffic_tokens)), time_budget=cfg.time_budget))
-            say("known plaintext (token pairs)")
-            results.append(known_plaintext.run_known_plaintext_lm(
-                server, None, split.traffic, encrypt, perm, server.embedding, model_name=name,
-                ks=list(cfg.known_tokens)))
+            if cfg.frequency:
+                say("known plaintext (token pairs)")
+                results.append(known_plaintext.run_known_plaintext_lm(
+                    server, None, split.traffic, encrypt, perm, server.embedding, model_name=name,
+                    ks=list(cfg.known_tokens)))
 
         if base is not None:
             attackers: list[tuple[str, str, ModelView]] = [
