@@ -4,7 +4,7 @@
   ``x' = x T``. ``k`` known pairs give ``T`` by least squares as soon as they span the
   space (``k >= d`` vectors; a CNN image gives one vector per pixel, so one image is enough).
   The figure is the fraction of fresh ciphertexts the estimate decrypts (relative error
-  below 1e-3), reported against ``k``.
+  below 5 %), reported against ``k``.
 * **Ciphertext only** (no pairs, the input distribution's second moments known): matching
   covariances fixes ``T`` only up to an unknown orthogonal factor; measured the same way.
 * **Language model, base model known**: ``k`` positions of known prompt text; the server
@@ -20,10 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from eecompile.audit.matching import _nearest
-from eecompile.audit.result import KNOWN_BASE, NO_BASE, NONE, AttackResult, Timer
+from eecompile.audit.result import KNOWN_BASE, NO_BASE, AttackResult, Timer
 from eecompile.audit.server import ModelView, Truth
 
-TOLERANCE = 1e-3
+TOLERANCE = 0.05  # relative error under which a decrypted input counts as recovered
+
+
+METRIC = "fraction of fresh inputs decrypted to within 5 % relative error"
 
 
 def _rows(array: np.ndarray, axis: int) -> np.ndarray:
@@ -76,8 +79,8 @@ def run_known_plaintext_input(server: ModelView, truth: Truth, *, model_name: st
             side_knowledge=f"k plaintext/ciphertext pairs of input '{t.name}' (k = {ks_here[-1]} here)",
             target=f"basis of input '{t.name}' ({t.basis or 'dense'}, {d}-dimensional)",
             recovered=best["decrypted"], seconds=best["seconds"],
-            metric="fraction of fresh inputs decrypted (relative error < 1e-3)",
-            regime=NONE + " + known pairs", model=model_name,
+            metric=METRIC,
+            regime=NO_BASE, model=model_name,
             details={"curve": curve, "smallest_k_decrypting_all": first_full, "dimension": d,
                      "rows_per_input": int(_rows(Xh, t.axis).shape[0] // held)}))
         # ciphertext only: covariance matching (input distribution known, no pairs)
@@ -97,8 +100,8 @@ def run_known_plaintext_input(server: ModelView, truth: Truth, *, model_name: st
             side_knowledge=f"ciphertexts only ({n} inputs) and the input distribution's second moments",
             target=f"basis of input '{t.name}' ({t.basis or 'dense'}, {d}-dimensional)",
             recovered=frac, seconds=timer.seconds,
-            metric="fraction of fresh inputs decrypted (relative error < 1e-3)",
-            regime=NONE, model=model_name,
+            metric=METRIC,
+            regime=NO_BASE, model=model_name,
             details={"basis_relative_error": err, "note": "second moments fix the basis only up to an orthogonal factor"}))
     return results
 

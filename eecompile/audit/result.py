@@ -10,7 +10,7 @@ import numpy as np
 
 KNOWN_BASE = "base model known"
 NO_BASE = "no base model"
-NONE = "ciphertext only"
+MITIGATION = "mitigation"
 
 
 @dataclass
@@ -20,8 +20,9 @@ class AttackResult:
     ``recovered`` is a fraction in [0, 1] whose meaning ``metric`` states (fraction of traffic
     tokens decrypted, of vocabulary entries recovered, of held-out inputs decrypted, ...).
     ``side_knowledge`` says, in words, everything the attacker was given besides what the
-    server holds; ``regime`` is one of "base model known", "no base model", "ciphertext only"
-    or "mitigation". ``seconds`` is the attacker's wall-clock time (not the simulation of clients).
+    server holds; ``regime`` is "base model known" (the server has the plaintext base weights),
+    "no base model" (it does not: at most a related public model, or no model at all) or
+    "mitigation" (an attack on a defended deployment). ``seconds`` is the attacker's wall-clock time (not the simulation of clients).
     """
 
     attack: str

@@ -33,10 +33,8 @@ from onnx import numpy_helper
 
 from eecompile.audit.frequency import NgramModel, frequency_attack, token_accuracy
 from eecompile.audit.matching import match_rows
-from eecompile.audit.result import AttackResult, Timer
+from eecompile.audit.result import MITIGATION, AttackResult, Timer
 from eecompile.audit.server import AuditError, ModelView, Truth
-
-MITIGATION = "mitigation"
 
 
 # -- re-keys ----------------------------------------------------------------------------------

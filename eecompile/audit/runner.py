@@ -136,6 +136,20 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
     report.info["parameters"] = server.parameter_count
     results = report.results
 
+    attackers: list[tuple[str, str, ModelView]] = []
+    if base is not None:
+        attackers.append((KNOWN_BASE, "the base model's weights (the public model served as is)", base))
+        if public_models:
+            for label, path in public_models:
+                attackers.append((NO_BASE, f"a related public model ({label}), not the private weights",
+                                  ModelView(path)))
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="eecompile-audit-public-"))
+            for change in cfg.public_changes:
+                path = perturbed_copy(base_model, tmp / f"public-{change:g}.onnx", change, seed=cfg.seed + 1)
+                attackers.append((NO_BASE, f"a public model {change:.0%} away from the private weights "
+                                  "(simulated fine-tune: Gaussian change of every weight matrix)", ModelView(path)))
+
     if server.token_input is not None:
         token_input = server.token_input
         perm = truth.vocab_perm(token_input)
@@ -188,18 +202,6 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
                     ks=list(cfg.known_tokens)))
 
         if base is not None:
-            attackers: list[tuple[str, str, ModelView]] = [
-                (KNOWN_BASE, "the base model's weights (the public model served as is)", base)]
-            tmp = Path(tempfile.mkdtemp(prefix="eecompile-audit-public-"))
-            if public_models:
-                for label, path in public_models:
-                    attackers.append((NO_BASE, f"a related public model ({label}), not the private weights",
-                                      ModelView(path)))
-            else:
-                for change in cfg.public_changes:
-                    path = perturbed_copy(base_model, tmp / f"public-{change:g}.onnx", change, seed=cfg.seed + 1)
-                    attackers.append((NO_BASE, f"a public model {change:.0%} away from the private weights "
-                                      "(simulated fine-tune: Gaussian change of every weight matrix)", ModelView(path)))
             prompts = []
             if split is not None and _is_decoder(server):
                 heldout = split.traffic[::-1][: cfg.inversion_prompts]
@@ -257,6 +259,14 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
     if truth.continuous_inputs():
         say("known plaintext (continuous inputs)")
         results.extend(known_plaintext.run_known_plaintext_input(server, truth, model_name=name))
+        for regime, side, view in attackers:
+            say(f"first-layer weight matching with {side}")
+            found = weight_matching.run_first_layer_matching(server, view, truth, regime=regime, model_name=name,
+                                                             side_knowledge=side + "; the first layer's weights")
+            results.extend(found)
+            if not found and view is base:
+                report.notes.append("weight matching of the continuous inputs not measured: the first layer's "
+                                    "output basis is not a permutation (the bias-matching attack needs one)")
     if not results:
         report.notes.append("no protected input found that an attack here applies to")
     return report

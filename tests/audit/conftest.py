@@ -89,6 +89,11 @@ def zoo_mlp(audit_root) -> Compiled:
 
 
 @pytest.fixture(scope="session")
+def zoo_mlp_other_seed(audit_root) -> Path:
+    return _zoo(audit_root, "mlp", seed=7)
+
+
+@pytest.fixture(scope="session")
 def zoo_cnn(audit_root) -> Compiled:
     return _compile(_zoo(audit_root, "cnn"), audit_root / "out-cnn", 4)
 

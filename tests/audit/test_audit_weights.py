@@ -41,3 +41,15 @@ def test_tinylm_known_base(tinylm):
     r = _run(tinylm, tinylm.base.embedding)
     assert r.recovered > 0.99
     assert r.details["basis_relative_error"] < 1e-3
+
+
+def test_mlp_input_basis_from_first_layer(zoo_mlp, zoo_mlp_other_seed):
+    from eecompile.audit.weight_matching import run_first_layer_matching
+
+    known = run_first_layer_matching(zoo_mlp.server, zoo_mlp.base, zoo_mlp.truth, regime=KNOWN_BASE,
+                                     side_knowledge="test")
+    assert len(known) == 1 and known[0].recovered == 1.0
+    assert known[0].details["basis_relative_error"] < 1e-4
+    other = ModelView(zoo_mlp_other_seed)
+    unrelated = run_first_layer_matching(zoo_mlp.server, other, zoo_mlp.truth, regime=NO_BASE, side_knowledge="test")
+    assert all(r.recovered == 0.0 for r in unrelated)  # the biases do not match: nothing, or garbage
