@@ -165,7 +165,12 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
 
         tok, tok_desc = _tokenizer_for(server, tokenizer, base_model)
         split = None
-        if tok is None:
+        if V > frequency.MAX_DENSE_VOCAB:
+            tok = None
+            report.notes.append(f"frequency analysis not measured: this implementation handles vocabularies of up "
+                                f"to {frequency.MAX_DENSE_VOCAB} ids (the model has {V}); that is a limit of the "
+                                "attack code, not a protection")
+        elif tok is None:
             report.notes.append(f"frequency analysis skipped: no tokenizer for a {V}-token vocabulary "
                                 "(pass --tokenizer tokenizer.json)")
         else:
