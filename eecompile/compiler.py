@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from eecompile.errors import OutputDirError
+from eecompile.errors import ModelFileError, OutputDirError
 from eecompile.keys import MasterKey, load_key
 from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.fold import fold
@@ -25,11 +25,11 @@ from eecompile.passes.normalize import normalize
 from eecompile.passes.plan import plan
 from eecompile.passes.verify import VerifyResult, check_structure, verify_equivalence
 from eecompile.report import build_report, render_markdown
-from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore, externalize
+from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+EXTERNAL_DATA_THRESHOLD = 256 << 20  # bytes of initializers above which weights stream into model.onnx.data
 DATA_FILE = "model.onnx.data"
 
 
@@ -46,7 +46,7 @@ class CompileResult:
 
 def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
     model_path = Path(model_path).resolve()
-    model = externalize(load_model(model_path), store)
+    model = load_model(model_path, store)
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
     normalized = normalize(mg)
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
@@ -138,9 +138,21 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
         check_out_dir(out_dir, force, (Path(model_path), key_path))
     else:
         check_out_dir(out_dir, force, (Path(model_path),))
-    load_model(model_path)  # fail on a bad model before anything is created
+    if not Path(model_path).is_file():
+        raise ModelFileError(f"model file not found: {model_path}")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _compile_into(model_path, key, out, verify, verify_feeds)
+    except BaseException:
+        if created:  # leave nothing behind for a compilation that failed
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
+                  verify_feeds: list[dict] | None) -> CompileResult:
     with tempfile.TemporaryDirectory(dir=out.resolve(), prefix=".eecompile-") as staging:
         staging = Path(staging).resolve()
         store = TensorStore(staging / "scratch.bin")

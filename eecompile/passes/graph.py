@@ -10,30 +10,38 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile.errors import ModelFileError
-from eecompile.passes.store import FileValues, TensorStore, external_values
+from eecompile.passes.store import FileValues, TensorStore, external_values, externalize
 
 Dim = int | str | None
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
+def load_model(path: str | Path, store: TensorStore | None = None) -> onnx.ModelProto:
     """Load an ONNX model's structure, failing with one clear line.
 
     External data is not read here: :class:`ModelGraph` reads each such tensor from its file
-    only when a pass needs its values.
+    only when a pass needs its values. With a ``store``, weights embedded in the protobuf move
+    to its scratch file and the proto is re-parsed, so memory holds the structure only.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
+    try:  # first, so the checker's own copy is gone before the model is loaded
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+    except Exception as exc:  # not parseable at all
+        raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model with a graph (no nodes found)")
-    try:
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as exc:
-        raise ModelFileError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+    if store is not None and store.scratch is not None:
+        externalize(model, store)
+        slim = onnx.ModelProto()
+        slim.ParseFromString(model.SerializeToString())  # drops the arena that held the weights
+        model = slim
     return model
 
 
