@@ -17,7 +17,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"mlp": (32, 1), "mlp_softmax": (32, 1), "mlp_argmax": (32, 1), "cnn": (32, 1),
-          "bert": (8, 128), "gpt2": (8, 128), "llama": (8, 128)}
+          "bert": (8, 32), "gpt2": (8, 32), "llama": (8, 32)}  # the zoo has 32 positions
 
 
 def main(argv: list[str] | None = None) -> int:
