@@ -218,8 +218,8 @@ def section(data: dict) -> str:
             lines.append(f"| {d['decoys']} decoy requests, {d['decoy_tokens_per_real_token']:g} per real token | "
                          f"{d['compute_overhead']:.0%} more server compute | frequency analysis on the mix: "
                          f"{_pct(d['recovered_without_filtering'])}; the server scores requests with its own "
-                         f"model (decoys told apart: {_pct(d['decoy_detection_accuracy'])}) and drops them | "
-                         f"{_pct(r['recovered'])} |")
+                         f"model (decoys told apart: {_pct(d['decoy_detection_accuracy'])}) and drops the unlikely "
+                         f"ones: {_pct(d['recovered_after_filtering'])} | {_pct(r['recovered'])} (the better) |")
     if ft:
         lines += ["", f"**Real fine-tune** (no-base-model rows marked so): the tinylm fine-tuned on the fortunes "
                   f"corpus for {ft['steps']} steps (batch {ft['batch']}, lr {ft['lr']}); fortunes held-out "

@@ -327,7 +327,10 @@ def make_decoys(real_docs: list[np.ndarray], kind: str, unigram: np.ndarray, rat
 def run_decoys(server: ModelView, truth: Truth, traffic: list[np.ndarray], ngram: NgramModel, n_tokens: int,
                kind: str = "uniform", ratio: float = 1.0, *, model_name: str = "", bos: int | None = None,
                time_budget: float | None = None) -> AttackResult:
-    """Frequency analysis on real traffic mixed with decoys, before and after the server filters decoys."""
+    """Frequency analysis on real traffic mixed with decoys, before and after the server filters decoys.
+
+    ``recovered`` is the better of the two: a defence cannot count on the server picking the
+    worse strategy (the filter also drops real requests the model finds unlikely)."""
     from eecompile.audit.text import take_tokens
 
     token_input = server.token_input
@@ -361,11 +364,13 @@ def run_decoys(server: ModelView, truth: Truth, traffic: list[np.ndarray], ngram
         side_knowledge=(f"{ratio:g} {kind} decoy token(s) per real token mixed into {n_tokens} real tokens; "
                         "the server scores each request with its own model and, when the scores split in two "
                         "clusters, drops the unlikely one"),
-        target="token ids (vocabulary permutation)", recovered=acc_filtered, seconds=t.seconds,
-        metric="fraction of real traffic tokens decrypted",
+        target="token ids (vocabulary permutation)", recovered=max(acc_mixed, acc_filtered), seconds=t.seconds,
+        metric="fraction of real traffic tokens decrypted (the better of attacking the whole mix and attacking "
+               "what the server's decoy filter keeps)",
         regime=MITIGATION, model=model_name,
         details={"decoys": kind, "decoy_tokens_per_real_token": ratio, "compute_overhead": ratio,
-                 "recovered_without_filtering": acc_mixed, "decoy_detection_accuracy": detection,
+                 "recovered_without_filtering": acc_mixed, "recovered_after_filtering": acc_filtered,
+                 "decoy_detection_accuracy": detection,
                  "server_filters": filters, "nll_cluster_separation": separation,
                  "real_nll_mean": float(nll[~is_decoy].mean()), "decoy_nll_mean": float(nll[is_decoy].mean())})
 

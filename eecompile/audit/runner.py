@@ -101,7 +101,7 @@ def _tokenizer_for(server: ModelView, tokenizer: str | Path | None, base_model: 
         return None, None
     if tok.vocab_size > server.vocab_size:
         raise AuditError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary has {server.vocab_size}")
-    return tok, str(tok.path)
+    return tok, f"{tok.path.parent.name}/{tok.path.name}"
 
 
 def _is_decoder(server: ModelView) -> bool:
@@ -174,16 +174,19 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
             report.notes.append(f"frequency analysis skipped: no tokenizer for a {V}-token vocabulary "
                                 "(pass --tokenizer tokenizer.json)")
         else:
-            corpus_name, text = read_corpus(corpus)
+            corpus_name, parts = read_corpus(corpus)
             need = max(cfg.traffic_tokens + (cfg.decoy_tokens, max(cfg.rotation_periods or (0,)) * cfg.rotation_keys))
             say(f"tokenizing {corpus_name}")
-            split = split_traffic(tok, text, corpus_name, seed=cfg.seed)
+            split = split_traffic(tok, parts, corpus_name, seed=cfg.seed)
             report.info["corpus"] = (f"{corpus_name}: {split.traffic_tokens} traffic tokens, "
                                      f"{split.reference_tokens} disjoint reference tokens; tokenizer {tok_desc}")
             if split.traffic_tokens < need:
                 report.notes.append(f"the corpus gives {split.traffic_tokens} traffic tokens; larger N were cut to that")
             say("fitting reference n-grams")
             ngram = frequency.NgramModel.fit(split.reference, V)
+            candidates = {corpus_name: ngram}
+            for part, docs in split.reference_parts.items():
+                candidates[part] = frequency.NgramModel.fit(docs, V)
             for n in cfg.traffic_tokens if cfg.frequency else ():
                 n = min(n, split.traffic_tokens)
                 say(f"frequency analysis, N={n}")
@@ -198,7 +201,7 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
                 values, counts = np.unique(starts, return_counts=True)
                 results.append(frequency.run_generated_frequency(
                     server, split.reference, perm, n, values[counts == counts.max()],
-                    ngram=ngram, model_name=name, encrypt=encrypt, seed=cfg.seed,
+                    ngram=ngram, candidates=candidates, model_name=name, encrypt=encrypt, seed=cfg.seed,
                     eval_docs=_take(split.traffic, max(cfg.traffic_tokens)), time_budget=cfg.time_budget))
             if cfg.frequency:
                 say("known plaintext (token pairs)")
@@ -229,7 +232,7 @@ def run_audit(out_dir: str | Path, base_model: str | Path | None = None, corpus:
                     d = server.embedding.shape[1]
                     results.append(known_plaintext.run_known_plaintext_lm(
                         server, view, split.traffic[::-1], encrypt, perm, base.embedding, model_name=name,
-                        ks=sorted({max(1, d // 2), d, 2 * d}), regime=regime,
+                        ks=sorted({max(1, d // 2), d, 2 * d, 8 * d}), regime=regime,
                         side_knowledge=f"{side}; k known prompt positions and the states the server holds"))
 
             if cfg.mitigations and _is_decoder(server):

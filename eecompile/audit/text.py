@@ -9,7 +9,7 @@ ids; zoo models without a tokenizer use :class:`CharTokenizer` (one id per chara
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +70,15 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
-def read_corpus(spec: str | Path | None) -> tuple[str, str]:
-    """``(name, text)`` of a corpus: a text file, a name of :mod:`eecompile.models.corpus`, or
-    ``None`` for every Debian corpus installed here (KJV Bible, fortunes)."""
+def read_corpus(spec: str | Path | None) -> tuple[str, list[tuple[str, str]]]:
+    """``(name, parts)`` of a corpus, ``parts`` a list of ``(name, text)``: a text file, a name of
+    :mod:`eecompile.models.corpus`, or ``None`` for every Debian corpus installed here (KJV
+    Bible, fortunes; one part each)."""
     from eecompile.models import corpus as corpora
 
     if spec is not None and Path(spec).is_file():
         try:
-            return Path(spec).name, Path(spec).read_text(encoding="utf-8", errors="replace")
+            return Path(spec).name, [(Path(spec).name, Path(spec).read_text(encoding="utf-8", errors="replace"))]
         except OSError as exc:
             raise AuditError(f"cannot read corpus {spec}: {exc.strerror}") from None
     if spec is not None:
@@ -89,7 +90,7 @@ def read_corpus(spec: str | Path | None) -> tuple[str, str]:
         if not names:
             raise AuditError("no English corpus is installed; pass --corpus TEXT or install one with: "
                              + " / ".join(corpora.INSTALL_COMMANDS.values()))
-    return "+".join(names), "\n\n".join(corpora.load_corpus(n) for n in names)
+    return "+".join(names), [(n, corpora.load_corpus(n)) for n in names]
 
 
 def documents(text: str, max_chars: int = 4000) -> list[str]:
@@ -109,11 +110,15 @@ def documents(text: str, max_chars: int = 4000) -> list[str]:
 
 @dataclass
 class Split:
-    """Disjoint token-id documents: ``traffic`` (clients' requests) and ``reference`` (the attacker's)."""
+    """Disjoint token-id documents: ``traffic`` (clients' requests) and ``reference`` (the attacker's).
+
+    ``reference_parts`` splits the reference by source corpus, for attacks that pick the
+    reference that fits the ciphertext best."""
 
     traffic: list[np.ndarray]
     reference: list[np.ndarray]
     corpus: str
+    reference_parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @property
     def traffic_tokens(self) -> int:
@@ -124,20 +129,32 @@ class Split:
         return int(sum(len(d) for d in self.reference))
 
 
-def split_traffic(tokenizer, text: str, corpus: str = "", traffic_fraction: float = 0.55,
+def split_traffic(tokenizer, text: str | list[tuple[str, str]], corpus: str = "", traffic_fraction: float = 0.55,
                   seed: int = 0, max_traffic_tokens: int | None = None,
                   max_reference_tokens: int | None = None) -> Split:
     """Shuffle the documents of ``text`` (seeded), send ``traffic_fraction`` of them as traffic,
-    give the rest to the attacker; cap each side's token count if asked."""
-    docs = documents(text)
+    give the rest to the attacker; cap each side's token count if asked. ``text`` may be a list
+    of ``(name, text)`` parts (documents of all parts are mixed; the reference keeps track of
+    which part each came from)."""
+    parts = [(corpus or "text", text)] if isinstance(text, str) else list(text)
+    docs, labels = [], []
+    for name, part in parts:
+        part_docs = documents(part)
+        docs += part_docs
+        labels += [name] * len(part_docs)
     if len(docs) < 2:
         raise AuditError("the corpus has fewer than two documents (blank-line separated); cannot split it")
     order = np.random.default_rng(seed).permutation(len(docs))
     cut = max(1, min(len(docs) - 1, int(round(traffic_fraction * len(docs)))))
     traffic_docs = [docs[i] for i in order[:cut]]
-    reference_docs = [docs[i] for i in order[cut:]]
-    return Split(_encode_capped(tokenizer, traffic_docs, max_traffic_tokens),
-                 _encode_capped(tokenizer, reference_docs, max_reference_tokens), corpus)
+    reference_idx = order[cut:]
+    reference = _encode_capped(tokenizer, [docs[i] for i in reference_idx], max_reference_tokens)
+    ref_labels = [labels[i] for i in reference_idx][: len(reference)]
+    by_part: dict[str, list[np.ndarray]] = {}
+    if len(parts) > 1:
+        for label, ids in zip(ref_labels, reference):
+            by_part.setdefault(label, []).append(ids)
+    return Split(_encode_capped(tokenizer, traffic_docs, max_traffic_tokens), reference, corpus, by_part)
 
 
 def _encode_capped(tokenizer, docs: list[str], cap: int | None) -> list[np.ndarray]:
@@ -146,8 +163,6 @@ def _encode_capped(tokenizer, docs: list[str], cap: int | None) -> list[np.ndarr
     step = 512
     for s in range(0, len(docs), step):
         for ids in tokenizer.encode_ids(docs[s:s + step]):
-            if len(ids) == 0:
-                continue
             if cap is not None and total + len(ids) > cap:
                 if cap - total > 0:
                     out.append(ids[: cap - total])
