@@ -111,11 +111,15 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
     out = []
     ctx = analysis.ctx
     if any(isinstance(ctx.get(t), IndexValues) for t in analysis.mg.graph.inputs):
-        out.append("token ids are protected only by a vocabulary permutation (a substitution cipher): "
-                   "frequency analysis of enough traffic recovers it (see `eecompile audit`)")
+        out.append("token ids are protected only by a vocabulary permutation (a substitution cipher): frequency "
+                   "analysis of encrypted traffic recovers it, a language model's server can sample its own "
+                   "ciphertext to do the same, and re-keying does not help (old and new weights link the keys); "
+                   "measure it with `eecompile audit OUT_DIR` (benchmarks/RESULTS.md#audit-what-the-server-can-recover-trained-tinylm)")
     if any(e["basis"] in ("orthogonal", "ones-orthogonal") for e in entries):
-        out.append("orthogonal bases keep row norms and Gram matrices: a server that knows the public base "
-                   "model can match weights and recover the basis (see `eecompile audit`)")
+        out.append("orthogonal bases keep row norms and Gram matrices: a server that knows the public base model, "
+                   "or the one a fine-tune started from, matches the embedding rows, recovers the vocabulary and "
+                   "the basis, then inverts hidden states; measure it with `eecompile audit OUT_DIR --base-model "
+                   "MODEL.onnx` (benchmarks/RESULTS.md#audit-what-the-server-can-recover-trained-tinylm)")
     if any(e["basis"] in ("permutation", "signed-permutation", "monomial") for e in entries):
         out.append("permutation-type bases hide which coordinate is which, not the multiset of values")
     if any(n.op in ("Softmax",) for n in analysis.mg.nodes):
