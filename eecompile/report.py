@@ -2,11 +2,16 @@
 
 Schema (``report.to_dict()``)::
 
-    {"model": str, "spaces": [{name, size, basis, blocks, limited_by: {node, op_type, reason} | null,
-                                tensors: [str]}],
+    {"model": str, "warnings": [str],   # e.g. KV-cache outputs the server holds in clear
+     "spaces": [{name, size, basis, class, blocks, limited_by: {node, op_type, reason} | null,
+                 lift: {kind, how} | null,   # weak/clear spaces: a re-export option, a policy, inherent ...
+                 tensors: [str]}],
      "inputs": [{name, protection}], "outputs": [{name, protection}],
      "unsupported_ops": [{node, op_type, domain}], "weaknesses": [str], "policies": [str],
      "summary": {basis: count}}
+
+A compile adds ``verification`` ({checked, max_relative_error, detail}) and ``exposure``
+(see :mod:`eecompile.passes.exposure`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,63 @@ from eecompile.passes.spaces import BasisClass, Ref
 
 BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "complex-pairs", "monomial",
                "signed-permutation", "permutation", "clear"]
+
+
+WEAK_BASES = ("clear", "permutation", "signed-permutation", "monomial")
+"""Bases the report calls weak: each gets a ``lift`` entry saying what would make it stronger."""
+
+RE_EXPORT, POLICY, INHERENT, FOLLOWS, UNKNOWN = ("re-export", "policy", "inherent to the op",
+                                                 "follows another space", "unknown")
+_STATIC_SHAPES = ("re-export with constant reshape targets and static head sizes: the legacy exporter "
+                  "(torch.onnx.export(dynamo=False), opset 17) or dynamo at opset 23, or constant-fold the "
+                  "shape arithmetic (onnxsim) before compiling")
+LIFT_TABLE: tuple[tuple[str, str, str, str], ...] = (
+    # (op type regex, reason regex, kind, what would lift it); the first match wins
+    ("", r"no rule for op", RE_EXPORT, "re-export with the op decomposed into standard ONNX ops (or add an op "
+                                       "rule to eecompile.passes.rules)"),
+    ("", r"cannot follow the protected axis|reshape of a tensor with unknown shape|with computed (bounds|axes)"
+         r"|with unknown axes|unknown rank", RE_EXPORT, _STATIC_SHAPES),
+    ("", r"(split|slice) inside attention heads", RE_EXPORT,
+     "re-export with separate q/k/v projections (unfuse the fused QKV weight)"),
+    ("", r"per-coordinate constant|gain", POLICY,
+     "fold the norm gain into the following linear layers (possible when every consumer of the normalised "
+     "tensor is a linear layer; a tied embedding must be untied)"),
+    ("", r"tied|shares? the token-id permutation|vocabulary", INHERENT,
+     "logits share the token-id permutation so generated ids feed back; only a permutation reads ids"),
+    ("", r"token ids|index values|gather (along|from)", INHERENT,
+     "a table lookup reads its indices in clear order: only a permutation of the table rows commutes"),
+    ("", r"attention mask|rotary cos/sin|positions?", INHERENT, "masks and positions are public by design"),
+    ("", r"clear (operand|part|activation)|with a clear|protected and clear", FOLLOWS,
+     "lift the space of the clear operand first (see its row)"),
+    ("", r"non-constant statistics", RE_EXPORT, "export in eval mode so BatchNormalization's statistics are constants"),
+    ("", r"without a constant B|non-constant weight", RE_EXPORT, "export with constant weights"),
+    ("", r"grouped/depthwise", INHERENT, "grouped convolutions mix only within a group: monomial within groups"),
+    (r"Softmax|LogSoftmax|ArgMax|ArgMin|TopK|Hardmax", r"", INHERENT,
+     "commutes only with permutations of the reduced axis"),
+    (r"Relu|LeakyRelu|PRelu|MaxPool|Clip|Max|Min", r"", INHERENT,
+     "commutes only with positive monomial bases (a permutation with positive scales)"),
+    ("", r"elementwise nonlinear|commutes only with|squares|product of|quotient|reciprocal|cast of protected",
+     INHERENT, "an elementwise nonlinearity or product commutes only with (signed, scaled) permutations"),
+    ("", r"pooling|spatial", INHERENT, "spatial layout is visible to pooling"),
+    ("", r"split into \d+ blocks", INHERENT, "per-head blocks: the basis is block-diagonal by design"),
+)
+
+
+def lift(limit: dict | None, basis: str) -> dict | None:
+    """What would lift a weak or clear space: ``{kind, how}`` from :data:`LIFT_TABLE` (None if not weak)."""
+    import re
+
+    if basis not in WEAK_BASES:
+        return None
+    if limit is None:
+        return {"kind": UNKNOWN, "how": "no limiting node was recorded"}
+    for op_re, reason_re, kind, how in LIFT_TABLE:
+        if op_re and not re.fullmatch(op_re, limit["op_type"] or ""):
+            continue
+        if reason_re and not re.search(reason_re, limit["reason"] or "", re.IGNORECASE):
+            continue
+        return {"kind": kind, "how": how}
+    return {"kind": UNKNOWN, "how": f"no known remedy for {limit['op_type'] or 'this limit'}: {limit['reason']}"}
 
 
 def _space_entry(analysis: Analysis, root: int) -> dict:
@@ -43,14 +105,15 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
     tensors = list(leaf.tensors)
     for b in blocks:
         tensors.extend(t for t in spaces.root_leaf(b).tensors if t not in tensors)
+    limited_by = None if limit is None else {"node": limit.node, "op_type": limit.op_type, "reason": limit.reason}
     return {
         "name": leaf.name,
         "size": leaf.size,
         "basis": basis,
         "class": weakest.value,
         "blocks": len(blocks),
-        "limited_by": None if limit is None else {"node": limit.node, "op_type": limit.op_type,
-                                                  "reason": limit.reason},
+        "limited_by": limited_by,
+        "lift": lift(limited_by, basis),
         "tensors": tensors,
     }
 
@@ -65,11 +128,8 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
     for side, tensors in (("inputs", analysis.mg.graph.inputs), ("outputs", analysis.mg.graph.outputs)):
         rows = []
         for i, t in enumerate(tensors):
-            if boundary is not None:
-                protection = getattr(boundary, side)[i].protection
-            else:
-                protection = _protection(analysis, t)
-            rows.append({"name": t.name, "protection": protection})
+            transform = getattr(boundary, side)[i] if boundary is not None else None
+            rows.append({"name": t.name, "protection": _protection(analysis, t, transform)})
         io[side] = rows
     policies = list(analysis.policies)
     if normalized.gains_folded:
@@ -82,6 +142,7 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
         policies.append(f"{normalized.clones} shared initializer uses cloned so each can be folded on its own")
     return {
         "model": model_name,
+        "warnings": _warnings(analysis, io),
         "spaces": entries,
         "inputs": io["inputs"],
         "outputs": io["outputs"],
@@ -92,19 +153,102 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
     }
 
 
-def _protection(analysis: Analysis, tensor) -> str:
-    if tensor.name in analysis.state_inputs or tensor.name in analysis.state_outputs:
-        return "server-side state (ciphertext, passed through)"
-    ann = analysis.ctx.get(tensor)
+def _coverage(analysis: Analysis, ann) -> tuple[int, int, str, list[str]]:
+    """``(clear units, units, unit name, basis names of the protected units)`` of an annotation.
+
+    A headed annotation counts heads (a head is clear when every block of its basis is clear);
+    a flat one counts the blocks of its axis. Unknown annotation kinds count as one clear unit.
+    """
     spaces = analysis.ctx.spaces
     if isinstance(ann, IndexValues):
-        if spaces.cls(ann.ref) == BasisClass.CLEAR:
-            return "clear"
-        return f"permuted index values ({spaces.size(ann.ref)} classes)"
+        cls = spaces.cls(ann.ref)
+        return (int(cls == BasisClass.CLEAR), 1, "block", [] if cls == BasisClass.CLEAR else [describe(cls)])
     if isinstance(ann, Protected):
-        classes = {describe(spaces.cls(r)) for r in spaces.expand(ann.refs)}
-        return f"basis change on axis {ann.axis}: {', '.join(sorted(classes))}"
-    return "clear"
+        if ann.head_axis is not None:
+            units = [spaces.expand((r,)) for r in ann.refs]
+            unit = "head"
+        else:
+            units = [(b,) for b in spaces.expand(ann.refs)]
+            unit = "block"
+        clear, classes = 0, set()
+        for blocks in units:
+            kinds = [spaces.cls(b) for b in blocks]
+            if all(k == BasisClass.CLEAR for k in kinds):
+                clear += 1
+            classes.update(describe(k) for k in kinds if k != BasisClass.CLEAR)
+        return clear, len(units), unit, sorted(classes)
+    return 1, 1, "block", []
+
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}" + ("s" if n != 1 else "")
+
+
+def _protection(analysis: Analysis, tensor, transform=None) -> str:
+    """What protects one graph input or output, from the bases its annotation actually got.
+
+    ``transform`` is the insert pass's :class:`BoundaryTransform` when compiling: a boundary
+    whose basis came out as the identity is clear whatever its class. Server-side state is
+    called ciphertext only when its space has a non-clear basis.
+    """
+    ann = analysis.ctx.get(tensor)
+    clear, total, unit, classes = _coverage(analysis, ann)
+    if transform is not None and transform.kind == "clear":
+        clear, classes = total, []
+    if transform is not None and transform.kind == "axis" and all(h.is_identity for h in transform.heads):
+        clear, classes = total, []
+    state = tensor.name in analysis.state_inputs or tensor.name in analysis.state_outputs
+    if state:
+        if clear == total:
+            return CLEAR_STATE
+        where = _where(ann)
+        if clear:
+            return (f"server-side state: {clear} of {_plural(total, unit)} clear (ciphertext on the rest: "
+                    f"{', '.join(classes)}{where}; passed through)")
+        return f"server-side state (ciphertext: {', '.join(classes)}{where}; passed through)"
+    if clear == total:
+        return "clear"
+    if isinstance(ann, IndexValues):
+        return f"permuted index values ({analysis.ctx.spaces.size(ann.ref)} classes)"
+    text = f"basis change on axis {ann.axis}: {', '.join(classes)}"
+    if clear:
+        text += f"; {clear} of {_plural(total, unit)} clear"
+    return text
+
+
+CLEAR_STATE = "server-side state in CLEAR (the server holds the plaintext values)"
+
+
+def _where(ann) -> str:
+    if isinstance(ann, Protected):
+        per_head = f", per index of axis {ann.head_axis}" if ann.head_axis is not None else ""
+        return f" on axis {ann.axis}{per_head}"
+    return ""
+
+
+def _warnings(analysis: Analysis, io: dict) -> list[str]:
+    """Top-level warnings: server-side state (KV cache) the server holds in clear, wholly or partly."""
+    out = []
+    state_out = set(analysis.state_outputs)
+    rows = [r for r in io["outputs"] if r["name"] in state_out]
+    clear = [r["name"] for r in rows if r["protection"] == CLEAR_STATE]
+    partly = [r for r in rows if r["protection"].startswith("server-side state:")]
+    if clear:
+        out.append(f"{len(clear)} of {len(rows)} KV-cache output(s) are CLEAR state: the server holds the "
+                   f"plaintext values of {_names(clear)}")
+    for r in partly:
+        detail = r["protection"].split(":", 1)[1].split("(")[0].strip()
+        out.append(f"KV-cache output {r['name']} is partly clear state: {detail}")
+    state_in = set(analysis.state_inputs)
+    clear_in = [r["name"] for r in io["inputs"] if r["name"] in state_in and r["protection"] == CLEAR_STATE]
+    if clear_in and not clear:
+        out.append(f"{len(clear_in)} KV-cache input(s) are CLEAR state: {_names(clear_in)}")
+    return out
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
@@ -140,7 +284,9 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
 
 def render_text(report: dict) -> str:
     """A terminal table: one row per space, then I/O, unsupported ops and weaknesses."""
-    lines = [f"eecompile lint: {report['model']}", ""]
+    lines = [f"eecompile lint: {report['model']}"]
+    lines.extend(f"WARNING: {w}" for w in report.get("warnings", []))
+    lines.append("")
     summary = ", ".join(f"{report['summary'][b]} {b}" for b in BASIS_ORDER if b in report["summary"])
     lines.append(f"spaces: {len(report['spaces'])}" + (f" ({summary})" if summary else ""))
     lines.append("")
@@ -152,6 +298,11 @@ def render_text(report: dict) -> str:
     for r in [header, *rows]:
         name = r[0] if len(r[0]) <= widths[0] else "…" + r[0][-(widths[0] - 1):]
         lines.append(f"{name:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    lifts = [s for s in report["spaces"] if s.get("lift")]
+    if lifts:
+        lines.append("")
+        lines.append("what would lift the weak spaces:")
+        lines.extend(f"  {s['name']} ({s['basis']}): {s['lift']['kind']}: {s['lift']['how']}" for s in lifts)
     lines.append("")
     for side in ("inputs", "outputs"):
         lines.append(f"{side}:")
@@ -164,18 +315,48 @@ def render_text(report: dict) -> str:
         lines.extend(f"  - {p}" for p in report["policies"])
     lines.append("weaknesses:")
     lines.extend(f"  - {w}" for w in report["weaknesses"])
+    if report.get("verification"):
+        lines.append(f"verification: {verification_line(report['verification'])}")
+    if report.get("exposure"):
+        lines.append(exposure_line(report["exposure"]))
+        exposed = report["exposure"].get("exposed", [])
+        lines.extend(f"  {e['tensor']} ({e['op_type']} {e['node']})" for e in exposed[:20])
     return "\n".join(lines) + "\n"
+
+
+def verification_line(v: dict) -> str:
+    """One line for the verification result of a compile."""
+    return ("passed (" if v.get("checked") else "not run (") + f"{v.get('detail', '')})"
+
+
+def exposure_line(e: dict) -> str:
+    """The one-line exposure summary (``exposure: 0 of 412 intermediate tensors and ...``)."""
+    if not e.get("checked"):
+        return f"exposure: not measured ({e.get('detail', '')})"
+    text = (f"exposure: {e['intermediates_exposed']} of {e['intermediates_compared']} intermediate tensors")
+    if e.get("state_outputs_compared"):
+        text += f" and {e['state_outputs_exposed']} of {e['state_outputs_compared']} KV-cache outputs"
+    text += " equal the plaintext run"
+    extra = []
+    if e.get("excluded_by_design"):
+        extra.append(f"{e['excluded_by_design']} visible by design excluded")
+    if e.get("unmatched"):
+        extra.append(f"{e['unmatched']} not matched by name")
+    return text + (f" ({', '.join(extra)})" if extra else "")
 
 
 def render_markdown(report: dict) -> str:
     """The report as Markdown for people."""
-    out = [f"# eecompile report: `{report['model']}`", "", "## Spaces", "",
-           "| space | size | basis | limited by |", "|---|---|---|---|"]
+    out = [f"# eecompile report: `{report['model']}`", ""]
+    if report.get("warnings"):
+        out += [f"> **Warning:** {w}" + "  " for w in report["warnings"]] + [""]
+    out += ["## Spaces", "", "| space | size | basis | limited by | would lift it |", "|---|---|---|---|---|"]
     for s in report["spaces"]:
         lim = "—" if not s["limited_by"] else (f"`{s['limited_by']['node']}` ({s['limited_by']['op_type']}): "
                                                f"{s['limited_by']['reason']}")
         size = f"{s['size']}" + (f" ({s['blocks']} blocks)" if s["blocks"] > 1 else "")
-        out.append(f"| `{s['name']}` | {size} | {s['basis']} | {lim} |")
+        up = "—" if not s.get("lift") else f"{s['lift']['kind']}: {s['lift']['how']}"
+        out.append(f"| `{s['name']}` | {size} | {s['basis']} | {lim} | {up} |")
     for side in ("inputs", "outputs"):
         out += ["", f"## {side.capitalize()}", ""]
         out += [f"- `{io['name']}`: {io['protection']}" for io in report[side]]
@@ -183,4 +364,12 @@ def render_markdown(report: dict) -> str:
     out += [f"- `{u['node']}` ({u['domain']}::{u['op_type']})" for u in report["unsupported_ops"]] or ["none"]
     out += ["", "## Policies", ""] + ([f"- {p}" for p in report["policies"]] or ["none"])
     out += ["", "## Weaknesses", ""] + [f"- {w}" for w in report["weaknesses"]]
+    if report.get("verification"):
+        out += ["", "## Verification", "", verification_line(report["verification"])]
+    if report.get("exposure"):
+        e = report["exposure"]
+        out += ["", "## Exposure", "", exposure_line(e)]
+        if e.get("exposed"):
+            out += ["", "| tensor | node | op |", "|---|---|---|"]
+            out += [f"| `{x['tensor']}` | `{x['node']}` | {x['op_type']} |" for x in e["exposed"]]
     return "\n".join(out) + "\n"

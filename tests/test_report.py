@@ -60,11 +60,12 @@ def rng():
 
 def test_report_schema(rng, tmp_path):
     report = eecompile.lint_model(_model(tmp_path / "m.onnx", rng))
-    assert set(report) >= {"model", "spaces", "inputs", "outputs", "unsupported_ops", "weaknesses", "policies",
+    assert set(report) >= {"model", "warnings", "spaces", "inputs", "outputs", "unsupported_ops", "weaknesses",
+                           "policies",
                            "summary"}
     assert report["model"] == "m.onnx"
     for space in report["spaces"]:
-        assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "tensors"}
+        assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "lift", "tensors"}
         assert space["basis"] in BASIS_ORDER
         assert space["limited_by"] is None or set(space["limited_by"]) == {"node", "op_type", "reason"}
     names = [s["name"] for s in report["spaces"]]
@@ -130,3 +131,90 @@ def test_every_protected_tensor_is_listed(rng, tmp_path):
     assert {"qh", "kh", "vh", "ctx"} <= protected
     listed = {t for s in eecompile.lint_model(path)["spaces"] for t in s["tensors"]}
     assert protected <= listed, sorted(protected - listed)
+
+
+# -- honest protection of server-side state -------------------------------------------------------
+
+
+def _kv_model(path, rng):
+    """k = x·Wk split into heads and appended to the cache: present = Concat(past, k) on the sequence axis."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+             helper.make_node("Reshape", ["k", "heads"], ["k4"], name="k_heads"),
+             helper.make_node("Transpose", ["k4"], ["kh"], name="k_transpose", perm=[0, 2, 1, 3]),
+             helper.make_node("Concat", ["past_key", "kh"], ["present_key"], name="cache", axis=2),
+             helper.make_node("Transpose", ["present_key"], ["pt"], name="back", perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["pt", "merge"], ["merged"], name="merge_heads"),
+             helper.make_node("MatMul", ["merged", "Wo"], ["y"], name="out")]
+    inputs = [helper.make_tensor_value_info("x", FLOAT, ["B", "S", D]),
+              helper.make_tensor_value_info("past_key", FLOAT, ["B", H, "P", HD])]
+    outputs = [helper.make_tensor_value_info("y", FLOAT, ["B", "T", 4]),
+               helper.make_tensor_value_info("present_key", FLOAT, ["B", H, "T", HD])]
+    inits = {"Wk": f(D, D), "Wo": f(D, 4), "heads": np.array([0, 0, H, HD]), "merge": np.array([0, 0, D])}
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_protected_state_is_called_ciphertext(rng, tmp_path):
+    report = eecompile.lint_model(_kv_model(tmp_path / "kv.onnx", rng))
+    for side, name in (("inputs", "past_key"), ("outputs", "present_key")):
+        protection = next(io["protection"] for io in report[side] if io["name"] == name)
+        assert protection.startswith("server-side state (ciphertext: invertible on axis 3, per index of axis 1")
+    assert report["warnings"] == []
+    assert not render_text(report).splitlines()[1].startswith("WARNING")
+
+
+def test_clear_state_is_reported_as_clear_prominently(rng, tmp_path):
+    path = _kv_model(tmp_path / "kv.onnx", rng)
+    with unregistered("MatMul"):
+        report = eecompile.lint_model(path)
+    protection = next(io["protection"] for io in report["outputs"] if io["name"] == "present_key")
+    assert "ciphertext" not in protection and "CLEAR" in protection
+    assert "ciphertext" not in next(io["protection"] for io in report["inputs"] if io["name"] == "past_key")
+    assert len(report["warnings"]) == 1 and "1 of 1 KV-cache output(s) are CLEAR state" in report["warnings"][0]
+    assert "present_key" in report["warnings"][0]
+    text, markdown = render_text(report), render_markdown(report)
+    assert text.splitlines()[1] == f"WARNING: {report['warnings'][0]}"
+    assert markdown.splitlines()[2].startswith(f"> **Warning:** {report['warnings'][0]}")
+
+
+def test_partly_clear_state_counts_its_clear_heads(rng, tmp_path):
+    from eecompile.passes.spaces import Limit
+    from eecompile.report import build_report
+
+    mg = ModelGraph(infer_shapes(load_model(_kv_model(tmp_path / "kv.onnx", rng))))
+    normalized = normalize(mg)
+    analysis = analyze(ModelGraph(infer_shapes(mg.export())))
+    ann = analysis.ctx.get(analysis.mg.tensors["present_key"])
+    assert isinstance(ann, Protected) and ann.head_axis == 1 and len(ann.refs) == H
+    analysis.ctx.spaces.clear(ann.refs[0], Limit("test", "Test", "cleared by the test"))
+    report = build_report(analysis, normalized, "kv.onnx")
+    protection = next(io["protection"] for io in report["outputs"] if io["name"] == "present_key")
+    assert protection.startswith(f"server-side state: 1 of {H} heads clear (ciphertext on the rest: invertible")
+    assert any("partly clear state: 1 of 2 heads clear" in w for w in report["warnings"])
+
+
+def test_weak_spaces_say_what_would_lift_them(rng, tmp_path):
+    from eecompile.report import lift
+
+    report = eecompile.lint_model(_model(tmp_path / "m.onnx", rng))
+    for space in report["spaces"]:
+        if space["basis"] in ("clear", "permutation", "signed-permutation", "monomial"):
+            assert space["lift"]["kind"] in ("re-export", "policy", "inherent to the op", "follows another space",
+                                             "unknown")
+            assert space["lift"]["how"] in render_text(report) and space["lift"]["how"] in render_markdown(report)
+        else:
+            assert space["lift"] is None
+    ids = next(s for s in report["spaces"] if "ids" in s["tensors"])
+    assert ids["lift"]["kind"] == "inherent to the op"
+    reshape = {"node": "n", "op_type": "Reshape", "reason": "cannot follow the protected axis through [4] -> [2, 2]"}
+    assert lift(reshape, "clear")["kind"] == "re-export" and "opset 23" in lift(reshape, "clear")["how"]
+    assert lift({"node": "n", "op_type": "Mul", "reason": "multiplied by a per-coordinate constant"},
+                "monomial")["kind"] == "policy"
+    assert lift({"node": "n", "op_type": "Foo", "reason": "no rule for op com.x::Foo"}, "clear")["kind"] == "re-export"
+    assert lift({"node": "n", "op_type": "Relu", "reason": "Relu commutes only with positive monomial bases"},
+                "monomial")["kind"] == "inherent to the op"
+    assert lift(reshape, "orthogonal") is None
