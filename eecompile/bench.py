@@ -105,7 +105,10 @@ def run_bench(out_dir: str | Path, *, provider: str = "cpu", batch: int = 1, seq
     """Benchmark a compiled model directory against its original model."""
     import onnxruntime as ort
 
+    from eecompile.compiler import model_id, recover_out_dir
+
     out = Path(out_dir)
+    recover_out_dir(out)  # finish a --force replacement that a killed compile left half done
     server = out / "server" / "model.onnx"
     if not server.is_file():
         raise BundleError(f"no compiled model in {out} (server/model.onnx missing)")

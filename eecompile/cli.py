@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -22,12 +24,36 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # user errors, as argparse uses for bad arguments
 EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 FORMATS = ("text", "json", "md")
 
 
 class UsageError(EECompileError):
     """Bad command-line arguments (reported like every other user error)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every cleanup that SIGINT runs runs too."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler API
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into :class:`Terminated` (main thread only); returns the handler to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # pragma: no cover - no signals here
+        return None
+
+
+def _notice(line: str) -> None:
+    """One line on stderr about something eecompile did on the user's behalf (e.g. removed leftovers)."""
+    print(f"{PROG}: {_one_line(line)}", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,7 +131,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         from eecompile.runtime.tokenizer import check_tokenizer_fits
 
         check_tokenizer_fits(tokenizer, model)  # before compiling: a bad tokenizer leaves OUT_DIR untouched
-    result = compile_model(model, key, out, force=args.force, verify=not args.no_verify)
+    result = compile_model(model, key, out, force=args.force, verify=not args.no_verify, notice=_notice)
     if tokenizer:
         from eecompile.runtime.generate import model_context_length
         from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
@@ -144,7 +170,7 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     from eecompile.compiler import lint_model
     from eecompile.report import render_markdown, render_text
 
-    report = lint_model(args.model)
+    report = lint_model(args.model, notice=_notice)
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "md":
@@ -329,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 2 user error, 70 internal error)."""
     debug = os.environ.get("EECOMPILE_DEBUG", "") not in ("", "0")
+    previous_sigterm = _catch_sigterm()
     try:
         parser = build_parser()
         try:
@@ -346,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return EXIT_OK
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -362,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
               f"(run with EECOMPILE_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from eecompile import staging
 from eecompile.errors import ModelFileError, OutputDirError
 from eecompile.keys import MasterKey, load_key
 from eecompile.passes.analyze import Analysis, analyze
@@ -29,6 +31,7 @@ from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
+Notice = staging.Notice
 EXTERNAL_DATA_THRESHOLD = 256 << 20  # bytes of initializers above which weights stream into model.onnx.data
 DATA_FILE = "model.onnx.data"
 
@@ -53,20 +56,52 @@ def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, A
     return mg, analyze(mg), normalized
 
 
-def lint_model(model_path: str | Path) -> dict:
-    """The lint report of a model (no key needed): what each space can be protected by."""
-    with tempfile.TemporaryDirectory(prefix="eecompile-lint-") as work:
-        store = TensorStore(Path(work).resolve() / "scratch.bin")
+def lint_model(model_path: str | Path, *, notice: Notice | None = None) -> dict:
+    """The lint report of a model (no key needed): what each space can be protected by.
+
+    Scratch goes to a staging folder in the system temp dir; folders that killed lints left
+    there are removed first (one line each to ``notice``, else the ``eecompile`` logger).
+    """
+    temp = Path(tempfile.gettempdir())
+    staging.recover(temp, staging.LINT_PREFIX, notice=notice or _log_notice, what="lint")
+    with staging.Staging(temp, staging.LINT_PREFIX, "lint") as work:
+        store = TensorStore(work.path / "scratch.bin")
         _, analysis, normalized = _analysed(model_path, store)
         store.close()
+        staging.fault_point("lint")
         return build_report(analysis, normalized, Path(model_path).name)
 
 
-def check_out_dir(out_dir: str | Path, force: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Refuse a non-empty ``out_dir`` unless ``force``, and any input inside the artifacts it would replace."""
+def _log_notice(line: str) -> None:
+    logging.getLogger("eecompile").warning("%s", line)
+
+
+def recover_out_dir(out_dir: str | Path, notice: Notice | None = None) -> list[str]:
+    """Finish an interrupted ``--force`` replacement in ``out_dir`` and remove staging folders of killed compiles."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    try:
+        return staging.recover(out, staging.OUT_PREFIX, ARTIFACTS, notice or _log_notice)
+    except OSError as exc:
+        raise OutputDirError(f"{out} holds the leftovers of a killed compile that could not be cleaned up "
+                             f"({exc.strerror or exc}: {exc.filename or out})") from None
+
+
+def check_out_dir(out_dir: str | Path, force: bool, inputs: tuple[Path, ...] = (),
+                  notice: Notice | None = None) -> Path:
+    """Refuse a non-empty ``out_dir`` unless ``force``, and any input inside the artifacts it would replace.
+
+    Leftovers of killed compiles are dealt with first (see :func:`recover_out_dir`).
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output path {out} exists and is not a directory")
+    recover_out_dir(out, notice)
+    owner = staging.live_owner(out, staging.OUT_PREFIX) if out.is_dir() else None
+    if owner is not None:
+        raise OutputDirError(f"another eecompile compile (pid {owner.get('pid', '?')}) is writing into {out}; "
+                             "wait for it to finish or choose another --out directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputDirError(f"output directory {out} is not empty (use --force to replace its eecompile artifacts)")
     for path in inputs:
@@ -77,17 +112,6 @@ def check_out_dir(out_dir: str | Path, force: bool, inputs: tuple[Path, ...] = (
                 raise OutputDirError(f"input {path} lies inside the output artifact {out / name}; "
                                      "compile into another directory")
     return out
-
-
-def _replace_artifacts(staging: Path, out: Path) -> None:
-    """Swap the freshly written artifacts in; only eecompile's own artifacts are removed."""
-    for name in ARTIFACTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(staging / name, path)
 
 
 def model_id(server_dir: Path) -> str:
@@ -130,14 +154,22 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
 
 
 def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
-                  force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None) -> CompileResult:
-    """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md)."""
+                  force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None,
+                  notice: Notice | None = None) -> CompileResult:
+    """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md).
+
+    Everything is written into a staging folder inside ``out_dir`` and published at the end;
+    with ``force`` the old artifacts are swapped out so that, whenever the process dies, the
+    folder holds the old compilation or the new one, complete (a replacement cut short is
+    finished by the next compile or session that opens the folder). ``notice`` receives one
+    line per leftover of a killed compile that was cleaned up (default: the ``eecompile`` logger).
+    """
     if not isinstance(key, MasterKey):
         key_path = Path(key)
         key = load_key(key)
-        check_out_dir(out_dir, force, (Path(model_path), key_path))
+        check_out_dir(out_dir, force, (Path(model_path), key_path), notice)
     else:
-        check_out_dir(out_dir, force, (Path(model_path),))
+        check_out_dir(out_dir, force, (Path(model_path),), notice)
     if not Path(model_path).is_file():
         raise ModelFileError(f"model file not found: {model_path}")
     out = Path(out_dir)
@@ -153,19 +185,21 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
                   verify_feeds: list[dict] | None) -> CompileResult:
-    with tempfile.TemporaryDirectory(dir=out.resolve(), prefix=".eecompile-") as staging:
-        staging = Path(staging).resolve()
-        store = TensorStore(staging / "scratch.bin")
+    with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work:
+        scratch = work.path / "scratch.bin"
+        new = work.path / staging.NEW
+        store = TensorStore(scratch)
         mg, analysis, normalized = _analysed(model_path, store)
         bases = plan(analysis, key)
         boundary = insert(analysis, bases)
         fold(analysis, bases)
-        server_path, server_model = _emit_server(mg, staging / "server")
+        staging.fault_point("emit")
+        server_path, server_model = _emit_server(mg, new / "server")
         store.close()
-        (staging / "scratch.bin").unlink(missing_ok=True)
+        scratch.unlink(missing_ok=True)
         check_structure(server_model, server_path)
-        client = Client(boundary, model_id(staging / "server"))
-        client.save(staging / "client", extra={"key_fingerprint": key.fingerprint()},
+        client = Client(boundary, model_id(new / "server"))
+        client.save(new / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_value_types(server_model.graph.input),
                     output_types=_value_types(server_model.graph.output))
         if verify:
@@ -177,9 +211,10 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                                   "detail": result.detail}
         report["key_fingerprint"] = key.fingerprint()
         report["source_model"] = str(Path(model_path).resolve())
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (staging / "report.md").write_text(render_markdown(report))
-        _replace_artifacts(staging, out)
+        (new / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (new / "report.md").write_text(render_markdown(report))
+        staging.fault_point("staged")
+        staging.commit(work.path, out, ARTIFACTS)
     return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)
 
 

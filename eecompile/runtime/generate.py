@@ -713,9 +713,10 @@ class EncryptedGenerator:
 
     def __init__(self, out_dir: str | Path, providers: str | list[str] | None = None, *, io_binding: bool = True,
                  max_positions: int | None = None) -> None:
-        from eecompile.compiler import model_id
+        from eecompile.compiler import model_id, recover_out_dir
 
         out = Path(out_dir)
+        recover_out_dir(out)  # finish a --force replacement that a killed compile left half done
         server_path = out / "server" / "model.onnx"
         if not server_path.is_file():
             raise BundleError(f"no compiled server model at {server_path}")

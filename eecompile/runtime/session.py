@@ -27,9 +27,10 @@ class EncryptedSession:
     def __init__(self, out_dir: str | Path, providers: list[str] | None = None, sess_options=None) -> None:
         import onnxruntime as ort
 
-        from eecompile.compiler import model_id
+        from eecompile.compiler import model_id, recover_out_dir
 
         out = Path(out_dir)
+        recover_out_dir(out)  # finish a --force replacement that a killed compile left half done
         server = out / "server" / "model.onnx"
         if not server.is_file():
             raise BundleError(f"no compiled server model at {server}")
