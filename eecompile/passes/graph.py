@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +48,19 @@ def load_model(path: str | Path, store: TensorStore | None = None) -> onnx.Model
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference with data propagation (stale value_info dropped first).
+    """Shape inference that reasons about run-time shape arithmetic (stale value_info dropped first).
 
-    Returns the model unchanged when inference fails.
+    ONNX Runtime's symbolic shape inference evaluates Shape → Gather → Concat chains and keeps
+    symbolic dimensions as expressions (``batch_size``, ``past_sequence_length + sequence_length``),
+    so a head split whose target shape is computed at run time still reads
+    ``[batch, seq, 4, 16]``. Where it cannot run (ops it does not know, such as opset-23
+    ``Attention``), ONNX shape inference with data propagation is used. Returns the model
+    unchanged when both fail.
     """
     del model.graph.value_info[:]
+    inferred = _symbolic_shapes(model)
+    if inferred is not None:
+        return inferred
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
@@ -58,6 +68,35 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             return onnx.shape_inference.infer_shapes(model)
         except Exception:
             return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference (auto-merging symbols), or None when it fails.
+
+    Shapes it could not infer are kept partial rather than discarded (its public entry point
+    raises, and writes a file into the working directory, when any shape is left unknown).
+    The declared graph outputs keep their own types; value_info without a shape is dropped.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return None
+    outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+            inference._preprocess(model)
+            while inference.run_:
+                inference._infer_impl()
+            inferred = inference.out_mp_
+    except Exception:  # it asserts on ops it does not know
+        return None
+    del inferred.graph.output[:]
+    inferred.graph.output.extend(outputs)
+    kept = [v for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")]
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(kept)
+    return inferred
 
 
 class ModelGraph:
