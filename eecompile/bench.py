@@ -72,6 +72,18 @@ def _providers(provider: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+MAX_TOKENS = 1 << 24  # batch × seq positions a benchmark accepts (far beyond any real one)
+
+
+def _quiet_options():
+    """Session options that keep ONNX Runtime's warnings off stderr (errors still raise)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
 class _BoundModel:
     """A session with its feeds and outputs bound once on the device."""
 
@@ -119,26 +131,43 @@ def run_bench(out_dir: str | Path, *, provider: str = "cpu", batch: int = 1, seq
             raise EECompileError(f"{out}/report.json does not name the original model; pass --original") from None
     if not Path(original).is_file():
         raise EECompileError(f"original model {original} not found; pass --original")
-    if batch < 1 or seq < 1 or iters < 1:
-        raise EECompileError("--batch, --seq and --iters must be positive")
+    for label, value, low in (("--batch", batch, 1), ("--seq", seq, 1), ("--iters", iters, 1), ("--warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise EECompileError(f"{label} must be an integer >= {low}, got {value}")
+    if batch * seq > MAX_TOKENS:
+        raise EECompileError(f"--batch {batch} × --seq {seq} is {batch * seq} positions, more than a benchmark "
+                             f"can hold ({MAX_TOKENS}); use smaller values")
     client = Client.load(out / "client")
+    if client.model_id != model_id(out / "server"):
+        raise BundleError(f"the client bundle in {out / 'client'} belongs to another compilation than {server}")
     providers = _providers(provider)
     device = "cuda" if provider == "cuda" else "cpu"
-    plain = ort.InferenceSession(str(original), providers=providers)
-    enc = ort.InferenceSession(str(server), providers=providers)
+    plain = ort.InferenceSession(str(original), _quiet_options(), providers=providers)
+    enc = ort.InferenceSession(str(server), _quiet_options(), providers=providers)
     index_sizes = {t.name: t.index.size for t in client.spec.inputs if t.kind == "index"}
-    feeds = random_feeds(plain, seed, index_sizes, batch=batch, length=seq)
-    enc_feeds = client.encrypt(feeds)
-    models = {"plain": _BoundModel(plain, feeds, device), "enc": _BoundModel(enc, enc_feeds, device)}
-    for _ in range(warmup):
-        for model in models.values():
-            model.run()
+    try:
+        feeds = random_feeds(plain, seed, index_sizes, batch=batch, length=seq)
+        enc_feeds = client.encrypt(feeds)
+        models = {"plain": _BoundModel(plain, feeds, device), "enc": _BoundModel(enc, enc_feeds, device)}
+        for _ in range(warmup):
+            for model in models.values():
+                model.run()
+    except MemoryError:
+        raise EECompileError(f"--batch {batch} --seq {seq}: the inputs or outputs do not fit in memory; "
+                             "use smaller values") from None
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors (e.g. an allocation it cannot make)
+        if type(exc).__module__.startswith("onnxruntime"):
+            raise EECompileError(f"the model cannot run at --batch {batch} --seq {seq}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from None
+        raise
     times = {"plain": [], "enc": [], "shim": []}
-    enc_outputs = models["enc"].outputs()
+    enc_outputs = None  # read only once a run has produced them (--warmup 0 times the very first call)
     for i in range(iters):
         order = ("plain", "enc") if i % 2 == 0 else ("enc", "plain")
         for tag in order:
             times[tag].append(models[tag].run() * 1e3)
+        if enc_outputs is None:
+            enc_outputs = models["enc"].outputs()
         start = time.perf_counter()
         client.decrypt(enc_outputs)
         client.encrypt(feeds)

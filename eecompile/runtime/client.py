@@ -7,6 +7,7 @@ entry per input/output), ``transforms.npz`` (the boundary bases, never the maste
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -20,7 +21,22 @@ from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.insert import BoundarySpec, BoundaryTransform
 
 BUNDLE_FORMAT = "eecompile-client"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: the manifest records SHA-256 digests of itself and of every bundle file
+DIGESTED_FILES = ("transforms.npz", "encrypt.onnx", "decrypt.onnx")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content (canonical JSON) without its own ``manifest_digest`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # -- numpy transforms --------------------------------------------------------------------
@@ -102,13 +118,17 @@ class Client:
                 elif t.kind == "index":
                     entry["index"] = _store_basis(t.index, f"{prefix}.index", arrays)
                 entries[side].append(entry)
-        manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model_id": self.model_id,
-                    **(extra or {}), **entries}
         with open(directory / "transforms.npz", "wb") as fh:
             np.savez(fh, **arrays)
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         onnx.save(build_client_model(self.spec.inputs, "encrypt", input_types or {}), str(directory / "encrypt.onnx"))
         onnx.save(build_client_model(self.spec.outputs, "decrypt", output_types or {}), str(directory / "decrypt.onnx"))
+        # the bundle is bound to this compilation: the server's model id, and digests of every file and of
+        # the manifest itself, so an edited manifest (say, every input "clear") or transforms are refused
+        manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model_id": self.model_id,
+                    **(extra or {}), **entries,
+                    "files": {name: _file_digest(directory / name) for name in DIGESTED_FILES}}
+        manifest["manifest_digest"] = manifest_digest(manifest)
+        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -122,18 +142,41 @@ class Client:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"client bundle manifest {manifest_path} is corrupt ({exc})") from None
-        if manifest.get("format") != BUNDLE_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"{manifest_path} is not an eecompile client bundle")
         if manifest.get("version") != BUNDLE_VERSION:
             raise BundleError(f"client bundle {directory} has version {manifest.get('version')}; "
-                              f"this eecompile reads version {BUNDLE_VERSION}")
+                              f"this eecompile reads version {BUNDLE_VERSION} (recompile the model)")
+        _check_integrity(directory, manifest)
         try:
-            with np.load(directory / "transforms.npz") as data:
+            with np.load(directory / "transforms.npz", allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
             spec = BoundarySpec(*[[_load_entry(e, arrays) for e in manifest[side]] for side in ("inputs", "outputs")])
-        except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        except (OSError, KeyError, IndexError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
             raise BundleError(f"client bundle {directory} is corrupt ({type(exc).__name__}: {exc})") from None
-        return cls(spec, manifest.get("model_id", ""))
+        model_id = manifest.get("model_id", "")
+        return cls(spec, model_id if isinstance(model_id, str) else "")
+
+
+def _check_integrity(directory: Path, manifest: dict) -> None:
+    """Refuse a manifest or bundle file whose content is not what the compiler wrote (one line naming the file)."""
+    hint = "it was edited or is corrupt; restore it from the compilation or recompile"
+    recorded = manifest.get("manifest_digest")
+    if not isinstance(recorded, str) or recorded != manifest_digest(manifest):
+        raise BundleError(f"client bundle file {directory / 'manifest.json'} does not match its recorded digest: {hint}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or "transforms.npz" not in files:
+        raise BundleError(f"client bundle file {directory / 'manifest.json'} records no digest of transforms.npz: {hint}")
+    for name, digest in sorted(files.items()):
+        path = directory / str(name)
+        if name != "transforms.npz" and not path.exists():
+            continue  # encrypt.onnx / decrypt.onnx are for other clients and may be left out
+        try:
+            actual = _file_digest(path)
+        except OSError as exc:
+            raise BundleError(f"cannot read client bundle file {path}: {exc.strerror or exc}") from None
+        if actual != digest:
+            raise BundleError(f"client bundle file {path} does not match the digest in manifest.json: {hint}")
 
 
 def _store_basis(basis: Basis, prefix: str, arrays: dict[str, np.ndarray]) -> dict:
@@ -151,17 +194,47 @@ def _store_basis(basis: Basis, prefix: str, arrays: dict[str, np.ndarray]) -> di
 
 
 def _load_basis(entry: dict, arrays: dict[str, np.ndarray]) -> Basis:
-    return Basis(int(entry["size"]), dense=arrays[entry["dense"]] if "dense" in entry else None,
-                 perm=arrays[entry["perm"]] if "perm" in entry else None,
-                 scale=arrays[entry["scale"]] if "scale" in entry else None)
+    """A basis of the bundle, checked: shapes match its size, a permutation is one, values are finite."""
+    size = entry["size"]
+    if type(size) is not int or size < 1:
+        raise ValueError(f"basis size {size!r} is not a positive integer")
+    dense = arrays[entry["dense"]] if "dense" in entry else None
+    perm = arrays[entry["perm"]] if "perm" in entry else None
+    scale = arrays[entry["scale"]] if "scale" in entry else None
+    for label, array, shape in (("dense", dense, (size, size)), ("perm", perm, (size,)), ("scale", scale, (size,))):
+        if array is None:
+            continue
+        if array.shape != shape:
+            raise ValueError(f"the {label} array of '{entry[label]}' has shape {list(array.shape)}, expected "
+                             f"{list(shape)}")
+        kind = "iu" if label == "perm" else "f"
+        if array.dtype.kind not in kind:
+            raise ValueError(f"the {label} array of '{entry[label]}' has dtype {array.dtype}")
+        if label != "perm" and not np.isfinite(array).all():
+            raise ValueError(f"the {label} array of '{entry[label]}' holds non-finite values")
+    if perm is not None and not np.array_equal(np.sort(perm), np.arange(size)):
+        raise ValueError(f"'{entry['perm']}' is not a permutation of 0..{size - 1}")
+    if scale is not None and (scale == 0).any():
+        raise ValueError(f"'{entry['scale']}' holds a zero scale")
+    return Basis(size, dense=dense, perm=perm, scale=scale)
 
 
 def _load_entry(entry: dict, arrays: dict[str, np.ndarray]) -> BoundaryTransform:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise ValueError(f"manifest entry {entry!r} is not an input/output description")
+    if entry.get("kind") not in ("clear", "state", "axis", "index"):
+        raise ValueError(f"'{entry['name']}' has unknown kind {entry.get('kind')!r}")
     t = BoundaryTransform(entry["name"], entry["kind"])
     if t.kind == "axis":
         t.axis, t.head_axis, t.rank = entry["axis"], entry["head_axis"], entry["rank"]
+        if type(t.rank) is not int or t.rank < 1 or type(t.axis) is not int or not -t.rank <= t.axis < t.rank:
+            raise ValueError(f"'{t.name}' has axis {t.axis!r} / rank {t.rank!r}")
+        if t.head_axis is not None and (type(t.head_axis) is not int or not -t.rank <= t.head_axis < t.rank):
+            raise ValueError(f"'{t.name}' has head axis {t.head_axis!r}")
         t.basis = entry.get("basis", "")
         t.heads = [AxisBasis(tuple(_load_basis(b, arrays) for b in head)) for head in entry["heads"]]
+        if not t.heads or len({h.size for h in t.heads}) != 1:
+            raise ValueError(f"'{t.name}' has no bases or heads of different sizes")
     elif t.kind == "index":
         t.index = _load_basis(entry["index"], arrays)
     return t

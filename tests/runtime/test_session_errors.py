@@ -116,3 +116,75 @@ def test_client_rejects_unknown_names(compilations):
 
 def test_errors_are_eecompile_errors():
     assert issubclass(FeedError, EECompileError) and issubclass(BundleError, EECompileError)
+
+
+# -- bundle integrity (issue 9, items 3 and 11) ---------------------------------------------
+def _bundle_copy(compilations, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(compilations[0], out)
+    return out
+
+
+def _reseal(client_dir: Path) -> None:
+    """Recompute the manifest's digests, as someone who knows the format could (structure checks remain)."""
+    import json
+
+    from eecompile.runtime.client import DIGESTED_FILES, _file_digest, manifest_digest
+
+    path = client_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = {name: _file_digest(client_dir / name) for name in DIGESTED_FILES}
+    manifest["manifest_digest"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_edited_manifest_is_refused_naming_the_file(compilations, tmp_path):
+    import json
+
+    out = _bundle_copy(compilations, tmp_path)
+    path = out / "client" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["inputs"]:  # the client would send plaintext to the server
+        entry.update(kind="clear")
+        entry.pop("index", None)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    for load in (Client.load, lambda _: EncryptedSession(out)):
+        with pytest.raises(BundleError, match="manifest.json") as info:
+            load(out / "client")
+        assert "\n" not in str(info.value) and "digest" in str(info.value)
+
+
+def test_reversed_transforms_are_refused_naming_the_file(compilations, tmp_path):
+    out = _bundle_copy(compilations, tmp_path)
+    npz = out / "client" / "transforms.npz"
+    with np.load(npz) as data:
+        arrays = {k: data[k][::-1].copy() for k in data.files}  # same shapes, wrong values
+    with open(npz, "wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(BundleError, match="transforms.npz"):
+        Client.load(out / "client")
+    with pytest.raises(BundleError, match="transforms.npz"):
+        EncryptedSession(out)
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "42", '"x"'])
+def test_manifest_that_is_not_an_object(compilations, tmp_path, content):
+    out = _bundle_copy(compilations, tmp_path)
+    (out / "client" / "manifest.json").write_text(content)
+    with pytest.raises(BundleError, match="manifest.json"):
+        Client.load(out / "client")
+
+
+def test_transforms_one_row_short_is_refused_at_load(compilations, tmp_path):
+    out = _bundle_copy(compilations, tmp_path)
+    npz = out / "client" / "transforms.npz"
+    with np.load(npz) as data:
+        arrays = {k: data[k] for k in data.files}
+    name = max(arrays, key=lambda k: arrays[k].size)
+    arrays[name] = arrays[name][:-1]
+    with open(npz, "wb") as fh:
+        np.savez(fh, **arrays)
+    _reseal(out / "client")
+    with pytest.raises(BundleError, match="corrupt") as info:
+        Client.load(out / "client")
+    assert name in str(info.value)
