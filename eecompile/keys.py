@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "generate_key",
     "save_key",
     "load_key",
+    "check_key_permissions",
     "hkdf_sha256",
     "derive_rng",
 ]
@@ -146,12 +148,29 @@ def save_key(key: MasterKey, path: str | os.PathLike[str], *, overwrite: bool = 
     return path
 
 
-def load_key(path: str | os.PathLike[str]) -> MasterKey:
+def check_key_permissions(path: str | os.PathLike[str]) -> None:
+    """Refuse a key file that the group or others may access (as ssh does for private keys)."""
+    if os.name != "posix":  # pragma: no cover - no POSIX modes to check
+        return
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # reading it reports the problem
+    if mode & 0o077:
+        raise KeyFileError(
+            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run 'chmod 600 {path}' (or pass --allow-insecure-key to use it anyway)"
+        )
+
+
+def load_key(path: str | os.PathLike[str], *, allow_insecure: bool = False) -> MasterKey:
     """Read a key file written by :func:`save_key`.
 
     Raises :class:`KeyFileError` with a one-line message if the file is missing or unreadable,
     is not JSON, is not an eecompile key file, has another format version, holds a key that is
-    not 32 bytes of hex, or whose fingerprint does not match the key.
+    not 32 bytes of hex, or whose fingerprint does not match the key — and, unless
+    ``allow_insecure``, if the group or others may read or write it (``chmod 600`` fixes that).
     """
     path = Path(path)
     try:
@@ -201,6 +220,8 @@ def load_key(path: str | os.PathLike[str]) -> MasterKey:
             f"key file {path} is corrupt: fingerprint {fingerprint!r} does not match the key "
             f"(expected {key.fingerprint()!r})"
         )
+    if not allow_insecure:
+        check_key_permissions(path)
     return key
 
 

@@ -343,3 +343,16 @@ def test_subprocess_errors_have_no_traceback(tmp_path, mlp_model, keyfile):
         assert len(proc.stderr.splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith("eecompile: error: ")
         assert proc.stdout == ""
+
+
+def test_compile_refuses_a_key_file_others_can_read(capsys, tmp_path, mlp_model, keyfile):
+    exposed = tmp_path / "exposed.key"
+    exposed.write_bytes(keyfile.read_bytes())
+    exposed.chmod(0o644)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "compile", mlp_model, "--key", exposed, "--out", out, "--no-verify")
+    _assert_user_error(code, err, str(exposed), f"chmod 600 {exposed}", "--allow-insecure-key")
+    assert not out.exists()
+    code, _, err = _run(capsys, "compile", mlp_model, "--key", exposed, "--out", out, "--no-verify",
+                        "--allow-insecure-key")
+    assert code == 0, err

@@ -317,3 +317,16 @@ def test_derive_rng_keys_independent():
 def test_derive_rng_unicode_name():
     a = derive_rng(FIXED, "tête").random(4)
     assert np.array_equal(a, derive_rng(FIXED, "tête").random(4))
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o606])
+def test_load_refuses_a_key_others_may_access(tmp_path, mode):
+    p = save_key(FIXED, tmp_path / "k.json")
+    os.chmod(p, mode)
+    msg = _load_error(p)
+    assert str(p) in msg and f"chmod 600 {p}" in msg and f"{mode:04o}" in msg
+    assert load_key(p, allow_insecure=True) == FIXED  # the explicit override
+    os.chmod(p, 0o600)
+    assert load_key(p) == FIXED
+    os.chmod(p, 0o400)
+    assert load_key(p) == FIXED
