@@ -115,6 +115,17 @@ def _check_inputs_survive(model: Path, keyfile: Path, out: Path) -> None:
                                      "choose another --out directory")
 
 
+def _verify_inputs(args: argparse.Namespace) -> tuple[dict | None, list | None]:
+    """--verify-shapes and --verify-feeds, checked before anything is compiled."""
+    from eecompile.passes.verify import load_feeds, parse_shapes
+
+    shapes = parse_shapes(args.verify_shapes) if getattr(args, "verify_shapes", None) else None
+    feeds = [load_feeds(args.verify_feeds)] if getattr(args, "verify_feeds", None) else None
+    if args.no_verify and (shapes or feeds):
+        raise UsageError("--no-verify cannot be combined with --verify-shapes or --verify-feeds")
+    return shapes, feeds
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from eecompile.compiler import compile_model
     from eecompile.errors import ModelFileError
@@ -124,14 +135,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model, keyfile, out = Path(args.model), Path(args.key), Path(args.out)
     if not model.is_file():
         raise ModelFileError(f"model file not found: {model}" if not model.exists() else f"{model} is not a file")
-    key = load_key(keyfile, allow_insecure=args.allow_insecure_key)
+    key = load_key(keyfile)
     _check_inputs_survive(model, keyfile, out)
     tokenizer = getattr(args, "tokenizer", None)
     if tokenizer:
         from eecompile.runtime.tokenizer import check_tokenizer_fits
 
         check_tokenizer_fits(tokenizer, model)  # before compiling: a bad tokenizer leaves OUT_DIR untouched
-    result = compile_model(model, key, out, force=args.force, verify=not args.no_verify, notice=_notice)
+    shapes, feeds = _verify_inputs(args)
+    result = compile_model(model, key, out, force=args.force, verify=not args.no_verify, notice=_notice,
+                           verify_shapes=shapes, verify_feeds=feeds)
     if tokenizer:
         from eecompile.runtime.generate import model_context_length
         from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
@@ -276,10 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must be empty or new)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT_DIR, replacing its eecompile artifacts")
-    p.add_argument("--allow-insecure-key", action="store_true",
-                   help="use a key file that the group or others may access (refused otherwise; chmod 600 fixes it)")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip checking encrypt → server → decrypt against the original on random inputs")
+                   help="skip checking encrypt → server → decrypt against the original on random inputs "
+                        "(without it, a model that cannot be verified is not compiled)")
+    p.add_argument("--verify-shapes", metavar="NAME=SIZE,...",
+                   help="sizes of symbolic input dims for verification, by symbol (past_sequence_length=4) or "
+                        "role (batch=1, seq=5, past=2); default: derived from the graph")
+    p.add_argument("--verify-feeds", metavar="FILE.npz",
+                   help="verify on these inputs (one array per input name, as numpy.savez writes them)")
     p.add_argument("--tokenizer", metavar="TOKENIZER.json",
                    help="a Hugging Face tokenizer.json of the model: its encrypted copy (ids permuted like the "
                         "model's, special tokens included) goes into the client bundle")

@@ -25,7 +25,7 @@ from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
 from eecompile.passes.insert import insert
 from eecompile.passes.normalize import normalize
 from eecompile.passes.plan import plan
-from eecompile.passes.verify import VerifyResult, check_structure, verify_equivalence
+from eecompile.passes.verify import CannotVerify, VerifyResult, check_structure, state_transforms, verify_equivalence
 from eecompile.report import build_report, render_markdown
 from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
@@ -155,7 +155,7 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
 
 def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
                   force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None,
-                  notice: Notice | None = None) -> CompileResult:
+                  verify_shapes: dict[str, int] | None = None, notice: Notice | None = None) -> CompileResult:
     """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md).
 
     Everything is written into a staging folder inside ``out_dir`` and published at the end;
@@ -163,6 +163,10 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     folder holds the old compilation or the new one, complete (a replacement cut short is
     finished by the next compile or session that opens the folder). ``notice`` receives one
     line per leftover of a killed compile that was cleaned up (default: the ``eecompile`` logger).
+
+    With ``verify`` (the default) the compiled model must be checked against the original on
+    generated inputs (``verify_shapes``: symbol or role sizes, ``verify_feeds``: the inputs
+    themselves); when no inputs fit, :class:`CannotVerify` is raised and nothing is written.
     """
     if not isinstance(key, MasterKey):
         key_path = Path(key)
@@ -176,7 +180,7 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _compile_into(model_path, key, out, verify, verify_feeds)
+        return _compile_into(model_path, key, out, verify, verify_feeds, verify_shapes)
     except BaseException:
         if created:  # leave nothing behind for a compilation that failed
             shutil.rmtree(out, ignore_errors=True)
@@ -184,7 +188,7 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 
 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
-                  verify_feeds: list[dict] | None) -> CompileResult:
+                  verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None) -> CompileResult:
     with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work:
         scratch = work.path / "scratch.bin"
         new = work.path / staging.NEW
@@ -192,6 +196,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         mg, analysis, normalized = _analysed(model_path, store)
         bases = plan(analysis, key)
         boundary = insert(analysis, bases)
+        state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
         fold(analysis, bases)
         staging.fault_point("emit")
         server_path, server_model = _emit_server(mg, new / "server")
@@ -203,7 +208,13 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                     input_types=_value_types(server_model.graph.input),
                     output_types=_value_types(server_model.graph.output))
         if verify:
-            result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds)
+            result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds,
+                                        shapes=verify_shapes, state=state)
+            if not result.checked:
+                raise CannotVerify(f"cannot verify the compiled model: {result.detail}; give the input sizes with "
+                                   "--verify-shapes NAME=SIZE,... (symbols such as batch_size, sequence_length, "
+                                   "past_sequence_length) or the inputs with --verify-feeds FILE.npz, or skip the "
+                                   "check with --no-verify")
         else:
             result = VerifyResult(False, None, "skipped by request")
         report = build_report(analysis, normalized, Path(model_path).name, boundary)

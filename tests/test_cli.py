@@ -345,6 +345,58 @@ def test_subprocess_errors_have_no_traceback(tmp_path, mlp_model, keyfile):
         assert proc.stdout == ""
 
 
+# -- verification is never silently skipped ----------------------------------------------------
+def _unverifiable_model(path: Path) -> Path:
+    """y = Reshape(x[B, n], [-1, 4]) · 2: none of the generated shapes has B·n divisible by 4."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["r0", 4])],
+        [numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"),
+         numpy_helper.from_array(np.full(1, 2.0, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_compile_that_cannot_verify_exits_non_zero(capsys, tmp_path, keyfile):
+    model = _unverifiable_model(tmp_path / "four.onnx")
+    code, stdout, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "o")
+    _assert_user_error(code, err, "cannot verify", "--verify-shapes", "--no-verify")
+    assert not (tmp_path / "o").exists()
+    code, stdout, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "o", "--no-verify")
+    assert code == 0, err
+    assert "verification: not run" in stdout
+
+
+def test_compile_verify_shapes_and_feeds(capsys, tmp_path, keyfile):
+    import numpy as np
+
+    model = _unverifiable_model(tmp_path / "four.onnx")
+    code, stdout, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "a",
+                             "--verify-shapes", "n=4")
+    assert code == 0, err
+    assert "verification: passed" in stdout and "n=4" in stdout
+    np.savez(tmp_path / "feeds.npz", x=np.ones((3, 4), np.float32))
+    code, stdout, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "b",
+                             "--verify-feeds", tmp_path / "feeds.npz")
+    assert code == 0, err
+    assert "B=3, n=4" in json.loads((tmp_path / "b" / "report.json").read_text())["verification"]["detail"]
+    code, _, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "c", "--verify-shapes", "n")
+    _assert_user_error(code, err, "--verify-shapes")
+    code, _, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "c", "--verify-feeds",
+                        tmp_path / "missing.npz")
+    _assert_user_error(code, err, "--verify-feeds")
+    code, _, err = _run(capsys, "compile", model, "--key", keyfile, "--out", tmp_path / "c", "--no-verify",
+                        "--verify-shapes", "n=4")
+    _assert_user_error(code, err, "--no-verify")
+
+
 def test_compile_refuses_a_key_file_others_can_read(capsys, tmp_path, mlp_model, keyfile):
     exposed = tmp_path / "exposed.key"
     exposed.write_bytes(keyfile.read_bytes())

@@ -3,12 +3,25 @@
 Checks that no private op remains, that ``onnx.checker`` accepts the server model, and
 that client-encrypt → server → client-decrypt equals the original model run by ONNX
 Runtime on fresh random inputs (max-abs error relative to max-abs output).
+
+Input shapes are derived from the graph (:func:`candidate_assignments`): a symbolic dim
+shared by several inputs keeps one value; batch, sequence and past-sequence symbols are
+recognised by name (``batch_size``, ``sequence_length``, ``past_sequence_length``,
+``total_sequence_length``, expressions such as ``past_sequence_length + 1``) or by where
+they occur (a non-batch symbol of a ``past*`` cache input is a past length; an attention
+mask's own symbol is past + sequence); position ids count on from the past length. A few
+assignments are tried until the original model runs; ``shapes`` (the CLI's
+``--verify-shapes``) fixes symbols or roles, ``feeds_list`` (``--verify-feeds``) gives the
+inputs outright. With a KV cache, the check runs a prefill and then one decode step with
+the ``present*`` outputs fed back as the ``past*`` inputs, on both models.
 """
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +44,8 @@ class VerifyResult:
     checked: bool
     max_relative_error: float | None
     detail: str
+    feeds: list[dict] = field(default_factory=list, repr=False)  # the plaintext feeds that were verified
+    decode_checked: bool = False  # a decode step with the KV cache fed back was compared too
 
 
 def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> None:
@@ -44,43 +59,272 @@ def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> N
         raise VerificationError(f"compiled model fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def random_feeds(session, seed: int, index_sizes: dict[str, int] | None = None, *, batch: int = 2,
-                 length: int = 3) -> dict[str, np.ndarray]:
-    """Random feeds for an ONNX Runtime session's inputs.
+class CannotVerify(VerificationError):
+    """Verification could not run (no inputs the original model accepts); not a wrong model."""
 
-    Symbolic dims: the first one seen is the batch (``batch``), past lengths are 0, every
-    other one is ``length``.
+
+# -- shapes of the verification inputs -------------------------------------------------------
+ROLES = ("batch", "seq", "past")
+ROLE_ALIASES = {"batch": "batch", "batch_size": "batch", "seq": "seq", "sequence": "seq", "sequence_length": "seq",
+                "length": "seq", "past": "past", "past_sequence": "past", "past_sequence_length": "past",
+                "past_length": "past"}
+CANDIDATES: tuple[dict[str, int], ...] = (
+    {"batch": 2, "seq": 3, "past": 2},
+    {"batch": 1, "seq": 3, "past": 2},
+    {"batch": 2, "seq": 3, "past": 0},
+    {"batch": 1, "seq": 1, "past": 2},
+    {"batch": 1, "seq": 1, "past": 0},
+)
+"""Role values tried in order until the original model runs (past 0 last: a non-empty cache first)."""
+
+_STATE_INPUT = re.compile(r"(^|[._/])past", re.IGNORECASE)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Div: operator.floordiv, ast.Mod: operator.mod}
+
+
+def _name_role(symbol: str) -> str | None:
+    """The role a symbol's name says: batch, past, total (past + sequence), seq, or None."""
+    s = symbol.lower()
+    if "batch" in s:
+        return "batch"
+    if re.search(r"past|cache", s):
+        return "past"
+    if re.search(r"total|all_seq|full_seq|kv_seq|context|key_len|mask", s):
+        return "total"
+    if re.search(r"seq|length|len\b|token|time|step", s):
+        return "seq"
+    return None
+
+
+def _is_expr(symbol: str) -> bool:
+    return bool(re.search(r"[+\-*/%()]", symbol))
+
+
+def _eval_expr(symbol: str, values: dict[str, int]) -> int | None:
+    """Evaluate a dim expression such as ``past_sequence_length + 1`` over known symbol values."""
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return values[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        raise ValueError(symbol)
+    try:
+        return int(ev(ast.parse(symbol.strip(), mode="eval")))
+    except (ValueError, KeyError, SyntaxError, ZeroDivisionError, TypeError):
+        return None
+
+
+def _inputs(session) -> list[tuple[str, str, list]]:
+    return [(i.name, i.type, list(i.shape) if i.shape is not None else []) for i in session.get_inputs()]
+
+
+def symbol_roles(inputs: list[tuple[str, str, list]]) -> dict[str, str]:
+    """Role of every symbolic dim of the inputs: batch, seq, past, total or expr (see module docstring)."""
+    occurrences: dict[str, list[tuple[str, int]]] = {}
+    for name, _, shape in inputs:
+        for axis, d in enumerate(shape):
+            if not (isinstance(d, int) and d >= 0):
+                occurrences.setdefault(str(d), []).append((name, axis))
+    has_state = any(_STATE_INPUT.search(name) for name, _, _ in inputs)
+    roles: dict[str, str] = {}
+    for symbol, where in occurrences.items():
+        if _is_expr(symbol):
+            roles[symbol] = "expr"
+            continue
+        role = _name_role(symbol)
+        if role is None:
+            if any(_STATE_INPUT.search(n) and axis != 0 for n, axis in where):
+                role = "past"
+            elif any(axis == 0 for _, axis in where):
+                role = "batch"
+            elif has_state and all("mask" in n.lower() for n, _ in where):
+                role = "total"
+            else:
+                role = "seq"
+        roles[symbol] = role
+    return roles
+
+
+def assign(roles: dict[str, str], values: dict[str, int], fixed: dict[str, int] | None = None) -> dict[str, int] | None:
+    """Symbol values for role ``values`` (``fixed`` symbols win); None when an expression comes out < 0."""
+    fixed = fixed or {}
+    values = dict(values)
+    for symbol, value in fixed.items():  # a fixed past/seq/batch symbol sets its role for derived symbols
+        if roles.get(symbol) in ROLES:
+            values[roles[symbol]] = value
+    out: dict[str, int] = {}
+    for symbol, role in roles.items():
+        if symbol in fixed:
+            out[symbol] = fixed[symbol]
+        elif role in ROLES:
+            out[symbol] = values[role]
+        elif role == "total":
+            out[symbol] = values["past"] + values["seq"]
+    for symbol, role in roles.items():
+        if role == "expr" and symbol not in out:
+            names = {n: out.get(n, _role_value(n, values)) for n in _IDENT.findall(symbol)}
+            value = _eval_expr(symbol, names)
+            if value is None or value < 0:
+                return None
+            out[symbol] = value
+    return out
+
+
+def _role_value(symbol: str, values: dict[str, int]) -> int:
+    role = _name_role(symbol) or "seq"
+    return values["past"] + values["seq"] if role == "total" else values[role]
+
+
+def parse_shapes(text: str) -> dict[str, int]:
+    """``"batch=1,past_sequence_length=4"`` → ``{"batch": 1, "past_sequence_length": 4}`` (symbols or roles)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.rpartition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise EECompileError(f"--verify-shapes takes name=size pairs separated by commas, got {part!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
+def candidate_assignments(session, shapes: dict[str, int] | None = None,
+                          allow_past: bool = True) -> list[dict[str, int]]:
+    """Symbol assignments to try, in order (``shapes``: user symbols or roles; see :data:`ROLE_ALIASES`)."""
+    roles = symbol_roles(_inputs(session))
+    shapes = dict(shapes or {})
+    role_fixed = {ROLE_ALIASES[k.lower()]: v for k, v in shapes.items() if k not in roles and k.lower() in ROLE_ALIASES}
+    fixed = {k: v for k, v in shapes.items() if k in roles}
+    out: list[dict[str, int]] = []
+    for candidate in CANDIDATES:
+        values = {**candidate, **role_fixed}
+        if not allow_past and "past" not in role_fixed:
+            values["past"] = 0
+        assignment = assign(roles, values, fixed)
+        if assignment is not None and assignment not in out:
+            out.append(assignment)
+    return out or [assign(roles, {"batch": 1, "seq": 1, "past": 0}, fixed) or {}]
+
+
+def feeds_for(session, symbols: dict[str, int], seed: int,
+              index_sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random feeds with symbolic dims set by ``symbols`` (unknown ones: 1).
+
+    Integer inputs: index inputs uniform over their classes, ``*position*`` counting on from
+    the past length (the last ``L`` of ``past + seq`` positions), ``*mask*`` ones, others 0.
     """
     rng = np.random.default_rng(seed)
     index_sizes = index_sizes or {}
-    feeds, symbols = {}, {}
-    for inp in session.get_inputs():
-        shape = []
-        for d in inp.shape:
-            if isinstance(d, int) and d >= 0:
-                shape.append(d)
-            else:
-                key = str(d)
-                if key not in symbols:
-                    symbols[key] = 0 if re.search("past", key, re.I) or re.search("past", inp.name, re.I) else (
-                        batch if not symbols else length)
-                shape.append(symbols[key])
-        if "int" in inp.type:
-            if inp.name in index_sizes:
-                value = rng.integers(0, index_sizes[inp.name], size=shape)
-            elif "position" in inp.name:
-                value = np.broadcast_to(np.arange(shape[-1]), shape).copy() if shape else np.zeros(shape)
-            elif "mask" in inp.name:
+    inputs = _inputs(session)
+    roles = symbol_roles(inputs)
+    past = max([symbols[s] for s, r in roles.items() if r == "past" and s in symbols], default=0)
+    seq = max([symbols[s] for s, r in roles.items() if r == "seq" and s in symbols], default=0)
+    feeds = {}
+    for name, type_, dims in inputs:
+        shape = [d if isinstance(d, int) and d >= 0 else symbols.get(str(d), 1) for d in dims]
+        if "int" in type_:
+            if name in index_sizes:
+                value = rng.integers(0, index_sizes[name], size=shape)
+            elif "position" in name:
+                length = shape[-1] if shape else 1
+                start = past + seq - length if 0 < length <= past + seq else 0
+                value = np.broadcast_to(np.arange(start, start + length), shape).copy() if shape else np.zeros(shape)
+            elif "mask" in name:
                 value = np.ones(shape)
             else:
                 value = np.zeros(shape)
-            feeds[inp.name] = value.astype(np.int64 if "int64" in inp.type else np.int32)
-        elif "bool" in inp.type:
-            feeds[inp.name] = np.ones(shape, dtype=bool)
+            feeds[name] = value.astype(np.int64 if "int64" in type_ else np.int32)
+        elif "bool" in type_:
+            feeds[name] = np.ones(shape, dtype=bool)
         else:
-            dtype = np.float16 if "float16" in inp.type else np.float32
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            dtype = np.float16 if "float16" in type_ else np.float64 if "double" in type_ else np.float32
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def random_feeds(session, seed: int, index_sizes: dict[str, int] | None = None, *, batch: int = 2,
+                 length: int = 3, past: int = 2) -> dict[str, np.ndarray]:
+    """Random feeds for an ONNX Runtime session's inputs (batch ``batch``, sequence ``length``, past ``past``)."""
+    roles = symbol_roles(_inputs(session))
+    symbols = assign(roles, {"batch": batch, "seq": length, "past": past}) or {}
+    return feeds_for(session, symbols, seed, index_sizes)
+
+
+def symbols_of(session, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """The symbol values that given feeds imply (first occurrence wins)."""
+    out: dict[str, int] = {}
+    for name, _, dims in _inputs(session):
+        if name in feeds:
+            for d, n in zip(dims, np.shape(feeds[name])):
+                if not (isinstance(d, int) and d >= 0):
+                    out.setdefault(str(d), int(n))
+    return out
+
+
+def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
+    """Verification feeds from an ``.npz`` file (one array per input name)."""
+    try:
+        with np.load(str(path), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise EECompileError(f"cannot read --verify-feeds {path}: {exc}") from None
+
+
+def state_pairs(state_inputs: list[str], state_outputs: list[str]) -> list[tuple[str, str]]:
+    """(past input, present output) pairs: ``past_key_values.0.key`` ↔ ``present.0.key``, ``past_key`` ↔ ``present_key``."""
+    def key(name, prefixes):
+        for p in prefixes:
+            m = re.match(rf"(.*?)(^|[._/]){p}", name, re.IGNORECASE)
+            if m:
+                return (m.group(1), name[m.end():].lstrip("._/"))
+        return None
+    presents = {key(n, ("present",)): n for n in state_outputs}
+    pairs = []
+    for name in state_inputs:
+        k = key(name, ("past_key_values", "past"))
+        if k is not None and k in presents:
+            pairs.append((name, presents[k]))
+    return pairs
+
+
+def state_transforms(analysis, plan) -> dict:
+    """The bases of the server-side state (never in the client bundle), to verify with a non-empty cache.
+
+    Call after the plan pass. Maps each state input/output name to a :class:`BoundaryTransform`.
+    """
+    from eecompile.passes.context import FoldContext
+    from eecompile.passes.insert import boundary_transform
+
+    mg = analysis.mg
+    ctx = FoldContext(mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases)
+    state = set(analysis.state_inputs) | set(analysis.state_outputs)
+    out = {}
+    for t in [*mg.graph.inputs, *mg.graph.outputs]:
+        if t.name in state:
+            try:
+                out[t.name] = boundary_transform(t.name, ctx.get(t), ctx, False, mg.rank(t))
+            except ValueError:
+                return {}
+    return out
+
+
+def verification_client(client, state: dict | None):
+    """A client that also encrypts/decrypts the server-side state (for verification only)."""
+    from eecompile.passes.insert import BoundarySpec
+    from eecompile.runtime.client import Client
+
+    if not state:
+        return None
+    spec = client.spec
+    if not all(t.name in state for t in [*spec.inputs, *spec.outputs] if t.kind == "state"):
+        return None
+    swap = lambda ts: [state[t.name] if t.kind == "state" else t for t in ts]  # noqa: E731
+    return Client(BoundarySpec(swap(spec.inputs), swap(spec.outputs)), client.model_id)
 
 
 def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -102,33 +346,134 @@ def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
     return err / scale if scale > 0 else err
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(0, 1),
-                       tolerance: float = DEFAULT_TOLERANCE, feeds_list=None) -> VerifyResult:
-    """Compare encrypt → server → decrypt with the original on random feeds."""
+                       tolerance: float = DEFAULT_TOLERANCE, feeds_list=None, shapes: dict[str, int] | None = None,
+                       state: dict | None = None) -> VerifyResult:
+    """Compare encrypt → server → decrypt with the original on generated (or given) feeds.
+
+    ``state`` (:func:`state_transforms`) lets a non-empty cache be encrypted and the
+    ``present*`` outputs be decrypted and compared; without it the past length is 0. When
+    no feeds fit the original model the result is not ``checked``; its detail says why.
+    """
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # shapes that do not fit are expected while probing: no error logs
     try:
-        ref = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
-        enc = ort.InferenceSession(str(server), providers=["CPUExecutionProvider"])
+        ref = ort.InferenceSession(str(original), options, providers=["CPUExecutionProvider"])
+        enc = ort.InferenceSession(str(server), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types
-        return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({str(exc).splitlines()[0]})")
+        return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
     index_sizes = {t.name: t.index.size for t in client.spec.inputs if t.kind == "index"}
-    state_out = set(client.state_outputs)
-    names = [o.name for o in ref.get_outputs() if o.name not in state_out]
-    worst = 0.0
-    for seed_or_feeds in (feeds_list or seeds):
-        feeds = seed_or_feeds if isinstance(seed_or_feeds, dict) else random_feeds(ref, seed_or_feeds, index_sizes)
+    full = verification_client(client, state)
+    has_state = bool(client.state_inputs)
+    names = [o.name for o in ref.get_outputs()]
+    if feeds_list:
+        plans = [(dict(f), symbols_of(ref, f)) for f in feeds_list]
+        if has_state and full is None and any(np.size(f[n]) for f in feeds_list for n in client.state_inputs
+                                              if n in f):
+            return VerifyResult(False, None, "skipped: the given feeds hold a non-empty cache and the cache's "
+                                             "bases are not available to encrypt it")
+    else:
+        plans, error = None, None
+        candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state)
+        for symbols in candidates:
+            feeds = feeds_for(ref, symbols, seeds[0], index_sizes)
+            try:
+                ref.run(names, feeds)
+            except Exception as exc:  # the original does not take these shapes: try the next assignment
+                error = error or f"{_shape_text(symbols)}: {_first_line(exc)}"
+                continue
+            plans = [(feeds if i == 0 else feeds_for(ref, symbols, s, index_sizes), symbols)
+                     for i, s in enumerate(seeds)]
+            break
+        if plans is None:
+            return VerifyResult(False, None, f"skipped: the original model runs on none of "
+                                             f"{len(candidates)} generated input shapes "
+                                             f"(first failure with {error})")
+    worst, decoded, notes = 0.0, False, []
+    for feeds, symbols in plans:
         try:
-            expected = ref.run(names, feeds)
+            expected = dict(zip(names, ref.run(names, feeds)))
         except Exception as exc:
-            return VerifyResult(False, None, f"skipped: the original model does not run on generated inputs "
-                                             f"({str(exc).splitlines()[0][:200]})")
-        got = enc.run(names, client.encrypt(feeds))
-        decrypted = client.decrypt(dict(zip(names, got)))
-        for name, exp in zip(names, expected):
-            err = relative_error(exp, decrypted[name])
-            worst = max(worst, err)
-            if not err <= tolerance:
-                raise VerificationError(f"compiled model output '{name}' differs from the original "
-                                        f"(relative error {err:.2e} > {tolerance:.0e})")
-    return VerifyResult(True, worst, f"max relative error {worst:.2e} over {len(feeds_list or seeds)} input(s)")
+            return VerifyResult(False, None, f"skipped: the original model does not run on the given inputs "
+                                             f"({_first_line(exc)})")
+        got = _run_encrypted(enc, names, (full or client).encrypt(feeds))
+        worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tolerance, "prefill"))
+        if has_state:
+            step = _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, index_sizes, tolerance)
+            if isinstance(step, str):
+                notes.append(step)
+            else:
+                worst, decoded = max(worst, step), True
+    detail = f"max relative error {worst:.2e} over {len(plans)} input(s)"
+    if plans and plans[0][1]:
+        detail += f" of shape {_shape_text(plans[0][1])}"
+    if decoded:
+        detail += ", each with a prefill and one decode step on the fed-back cache"
+    elif notes:
+        detail += f"; decode step not checked: {notes[0]}"
+    return VerifyResult(True, worst, detail, feeds=[f for f, _ in plans], decode_checked=decoded)
+
+
+def _shape_text(symbols: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in symbols.items()) or "static shapes"
+
+
+def _run_encrypted(enc, names, feeds) -> dict[str, np.ndarray]:
+    try:
+        return dict(zip(names, enc.run(names, feeds)))
+    except Exception as exc:
+        raise VerificationError(f"the compiled model fails on inputs the original accepts ({_first_line(exc)})") from None
+
+
+def _compare(expected, decrypted, client, full, tolerance, step: str) -> float:
+    """Worst relative error over the outputs that can be compared (state only when ``full`` decrypts it)."""
+    state = set(client.state_outputs)
+    worst = 0.0
+    for name, exp in expected.items():
+        if name in state and full is None:
+            continue
+        err = relative_error(exp, decrypted[name])
+        worst = max(worst, err)
+        if not err <= tolerance:
+            raise VerificationError(f"compiled model output '{name}' differs from the original in the {step} "
+                                    f"(relative error {err:.2e} > {tolerance:.0e})")
+    return worst
+
+
+def _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, index_sizes, tolerance):
+    """Feed ``present*`` back as ``past*`` with one new token; compare. Returns the error, or why it was not run."""
+    pairs = state_pairs(client.state_inputs, client.state_outputs)
+    if not pairs or len(pairs) != len(client.state_inputs):
+        return "the cache inputs do not pair with present outputs by name"
+    inputs = {name: dims for name, _, dims in _inputs(ref)}
+    roles = symbol_roles(_inputs(ref))
+    new = dict(symbols)
+    for symbol, role in roles.items():
+        if role == "seq":
+            new[symbol] = 1
+    for past, present in pairs:
+        for d, n in zip(inputs[past], expected[present].shape):
+            if not (isinstance(d, int) and d >= 0):
+                new[str(d)] = int(n)
+    past_len = max([new[s] for s, r in roles.items() if r == "past" and s in new], default=0)
+    for symbol, role in roles.items():
+        if role == "total":
+            new[symbol] = past_len + 1
+    values = {"batch": max([new[s] for s, r in roles.items() if r == "batch"], default=1), "seq": 1, "past": past_len}
+    new = {**(assign(roles, values, new) or {}), **new}
+    step = feeds_for(ref, new, 99, index_sizes)
+    plain = {**step, **{past: expected[present] for past, present in pairs}}
+    try:
+        expected2 = dict(zip(names, ref.run(names, plain)))
+    except Exception as exc:
+        return f"the original does not take its own cache back ({_first_line(exc)})"
+    cipher = {**client.encrypt(step), **{past: got[present] for past, present in pairs}}
+    got2 = _run_encrypted(enc, names, cipher)
+    return _compare(expected2, (full or client).decrypt(got2), client, full, tolerance, "decode step")

@@ -11,10 +11,18 @@ from onnx import TensorProto, helper, numpy_helper
 from eecompile.passes.insert import BoundarySpec, BoundaryTransform
 from eecompile.passes.verify import (
     PRIVATE_DOMAIN,
+    CannotVerify,
     VerificationError,
+    assign,
+    candidate_assignments,
     check_structure,
+    feeds_for,
+    load_feeds,
+    parse_shapes,
     random_feeds,
     relative_error,
+    state_pairs,
+    symbol_roles,
     verify_equivalence,
 )
 from eecompile.runtime.client import Client
@@ -135,9 +143,155 @@ def test_random_feeds_shapes_and_integer_inputs(tmp_path):
     feeds = random_feeds(session, seed=3, index_sizes={"ids": 7})
     assert feeds["x"].shape == (2, 3, 4) and feeds["x"].dtype == np.float32
     assert feeds["ids"].shape == (2, 3) and feeds["ids"].max() < 7 and feeds["ids"].dtype == np.int64
-    np.testing.assert_array_equal(feeds["position_ids"], [[0, 1, 2], [0, 1, 2]])
-    assert (feeds["attention_mask"] == 1).all()
-    assert feeds["past_key"].shape == (2, 2, 0, 4)
+    np.testing.assert_array_equal(feeds["position_ids"], [[2, 3, 4], [2, 3, 4]])  # after a past of 2
+    assert (feeds["attention_mask"] == 1).all() and feeds["attention_mask"].shape == (2, 5)  # total = past + seq
+    assert feeds["past_key"].shape == (2, 2, 2, 4)
     again = random_feeds(session, seed=3, index_sizes={"ids": 7})
     np.testing.assert_array_equal(again["x"], feeds["x"])
     assert not np.array_equal(random_feeds(session, seed=4)["x"], feeds["x"])
+
+
+
+# -- shapes derived from the graph -------------------------------------------------------------
+
+
+def _inputs(*specs):
+    return [(name, "tensor(int64)" if "ids" in name or "mask" in name else "tensor(float)", shape)
+            for name, shape in specs]
+
+
+def test_optimum_style_symbols_share_values_and_size_the_mask_past_plus_seq():
+    inputs = _inputs(("input_ids", ["batch_size", "sequence_length"]),
+                     ("attention_mask", ["batch_size", "past_sequence_length + sequence_length"]),
+                     ("position_ids", ["batch_size", "sequence_length"]),
+                     ("past_key_values.0.key", ["batch_size", 2, "past_sequence_length", 4]),
+                     ("past_key_values.0.value", ["batch_size", 2, "past_sequence_length", 4]))
+    roles = symbol_roles(inputs)
+    assert roles == {"batch_size": "batch", "sequence_length": "seq", "past_sequence_length": "past",
+                     "past_sequence_length + sequence_length": "expr"}
+    symbols = assign(roles, {"batch": 2, "seq": 3, "past": 2})
+    assert symbols["past_sequence_length + sequence_length"] == 5 and symbols["past_sequence_length"] == 2
+
+
+def test_decode_only_and_total_and_unnamed_symbols():
+    roles = symbol_roles(_inputs(("input_ids", ["batch_size", 1]),
+                                 ("attention_mask", ["batch_size", "past_sequence_length + 1"]),
+                                 ("past_key_values.0.key", ["batch_size", 4, "past_sequence_length", 8])))
+    assert assign(roles, {"batch": 1, "seq": 3, "past": 2})["past_sequence_length + 1"] == 3
+    roles = symbol_roles(_inputs(("input_ids", ["s0", "s1"]), ("attention_mask", ["s0", "unk__2"]),
+                                 ("past_key", ["s0", 2, "unk__7", 4])))
+    assert roles == {"s0": "batch", "s1": "seq", "unk__2": "total", "unk__7": "past"}
+    roles = symbol_roles(_inputs(("input_ids", ["batch", "sequence"]), ("attention_mask", ["batch", "total_sequence"]),
+                                 ("past_key_values.0.key", ["batch", 2, "past_sequence", 4])))
+    assert assign(roles, {"batch": 2, "seq": 3, "past": 2}) == {"batch": 2, "sequence": 3, "total_sequence": 5,
+                                                               "past_sequence": 2}
+
+
+def test_user_shapes_fix_symbols_and_roles():
+    assert parse_shapes("batch_size=1, past_sequence_length=4") == {"batch_size": 1, "past_sequence_length": 4}
+    with pytest.raises(Exception, match="name=size"):
+        parse_shapes("batch_size=one")
+    model = _model([helper.make_node("Identity", ["ids"], ["o"])],
+                   inputs=[helper.make_tensor_value_info("ids", INT64, ["batch_size", "sequence_length"]),
+                           helper.make_tensor_value_info("past_key", FLOAT, ["batch_size", 2, "past_len", 4])],
+                   outputs=[helper.make_tensor_value_info("o", INT64, None)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    first = candidate_assignments(session, {"past_len": 6, "seq": 5})[0]
+    assert first == {"batch_size": 2, "sequence_length": 5, "past_len": 6}
+    feeds = feeds_for(session, first, 0)
+    assert feeds["ids"].shape == (2, 5) and feeds["past_key"].shape == (2, 2, 6, 4)
+    assert all(a["past_len"] == 0 for a in candidate_assignments(session, allow_past=False))
+
+
+def test_state_pairs_by_name():
+    assert state_pairs(["past_key_values.0.key", "past_key_values.0.value", "past_key"],
+                       ["present.0.value", "present.0.key", "present_key"]) == [
+        ("past_key_values.0.key", "present.0.key"), ("past_key_values.0.value", "present.0.value"),
+        ("past_key", "present_key")]
+
+
+def _reshape_model(target):
+    """y = Reshape(x, target) · 2: runs only when batch × n fits ``target``."""
+    return _model([helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])],
+                  inputs=[helper.make_tensor_value_info("x", FLOAT, ["B", "n"])],
+                  outputs=[helper.make_tensor_value_info("y", FLOAT, [f"d{i}" for i in range(len(target))])],
+                  inits={"shape": np.array(target, np.int64), "two": np.full(1, 2.0, np.float32)})
+
+
+def test_verify_tries_other_shapes_then_gives_up_with_the_reason(tmp_path):
+    batch_one = _save(_reshape_model([3]), tmp_path / "one.onnx")  # needs B·n = 3: the second candidate
+    result = verify_equivalence(batch_one, batch_one, _clear_client())
+    assert result.checked and "B=1, n=3" in result.detail and result.feeds[0]["x"].shape == (1, 3)
+    fours = _save(_reshape_model([-1, 4]), tmp_path / "four.onnx")  # needs B·n divisible by 4: none of them
+    result = verify_equivalence(fours, fours, _clear_client())
+    assert not result.checked and "runs on none of" in result.detail and "Reshape" in result.detail
+    result = verify_equivalence(fours, fours, _clear_client(), shapes={"n": 4})
+    assert result.checked and result.feeds[0]["x"].shape == (2, 4)
+    given = verify_equivalence(fours, fours, _clear_client(), feeds_list=[{"x": np.ones((1, 8), np.float32)}])
+    assert given.checked and given.feeds[0]["x"].shape == (1, 8)
+
+
+def test_compile_refuses_a_model_it_cannot_verify(tmp_path):
+    import eecompile
+
+    path = _save(_reshape_model([-1, 4]), tmp_path / "four.onnx")
+    with pytest.raises(CannotVerify, match="--verify-shapes.*--no-verify"):
+        eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out", verify_shapes={"n": 8})
+    assert result.verification.checked and result.report["verification"]["checked"]
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out2", verify=False)
+    assert not result.verification.checked
+
+
+def test_load_feeds(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.ones((1, 8), np.float32))
+    assert load_feeds(tmp_path / "f.npz")["x"].shape == (1, 8)
+    with pytest.raises(Exception, match="cannot read --verify-feeds"):
+        load_feeds(tmp_path / "missing.npz")
+
+
+# -- the KV cache: a non-empty past, then one decode step on the fed-back cache ------------------
+
+
+def _kv_model(rng):
+    """present_key = Concat(past_key, x·Wk) on the sequence axis; y = present_key · Wo."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return _model([helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+                   helper.make_node("Concat", ["past_key", "k"], ["present_key"], name="cache", axis=1),
+                   helper.make_node("MatMul", ["present_key", "Wo"], ["y"], name="out")],
+                  inputs=[helper.make_tensor_value_info("x", FLOAT, ["B", "S", 6]),
+                          helper.make_tensor_value_info("past_key", FLOAT, ["B", "P", 6])],
+                  outputs=[helper.make_tensor_value_info("y", FLOAT, ["B", "T", 3]),
+                           helper.make_tensor_value_info("present_key", FLOAT, ["B", "T", 6])],
+                  inits={"Wk": f(6, 6), "Wo": f(6, 3)})
+
+
+def test_compile_verifies_a_prefill_with_a_past_and_a_decode_step(tmp_path):
+    import eecompile
+
+    path = _save(_kv_model(np.random.default_rng(5)), tmp_path / "kv.onnx")
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    v = result.verification
+    assert v.checked and v.decode_checked and "decode step" in v.detail and "P=2" in v.detail
+    assert v.feeds[0]["past_key"].shape == (2, 2, 6)
+    # without the cache's bases (the client alone) the past is empty, and the decode step still runs
+    client = eecompile.runtime.client.Client.load(tmp_path / "out" / "client")
+    alone = verify_equivalence(path, tmp_path / "out" / "server" / "model.onnx", client)
+    assert alone.checked and alone.decode_checked and "P=0" in alone.detail
+
+
+def test_a_wrong_cache_is_caught_by_the_decode_step(tmp_path):
+    """A server whose present output is off only in the part the decode step reads back."""
+    model = _kv_model(np.random.default_rng(6))
+    path = _save(model, tmp_path / "kv.onnx")
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.graph.node[1].output[0] = "cat"  # present_key = cat + 0.5, y stays exact in the prefill
+    bad.graph.node.append(helper.make_node("Add", ["cat", "half"], ["present_key"]))
+    bad.graph.node[2].input[0] = "cat"
+    bad.graph.initializer.append(numpy_helper.from_array(np.full(1, 0.5, np.float32), "half"))
+    client = Client(BoundarySpec([BoundaryTransform("x", "clear"), BoundaryTransform("past_key", "state")],
+                                 [BoundaryTransform("y", "clear"), BoundaryTransform("present_key", "state")]))
+    with pytest.raises(VerificationError, match="'y' differs from the original in the decode step"):
+        verify_equivalence(path, _save(bad, tmp_path / "bad.onnx"), client)
