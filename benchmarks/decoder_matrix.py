@@ -390,6 +390,14 @@ def run_cell(root: Path, arch: str, exporter: str, key: Path, retry_failed: bool
                            "--out", str(out_dir)], capture_output=True, text=True, cwd=str(REPO))
     row["compile"] = {"rc": proc.returncode, "last_stderr": _last_line(proc.stderr),
                       "seconds": round(time.perf_counter() - start, 2)}
+    if proc.returncode == 70:  # internal error: rerun with the traceback to record where it happened
+        shutil.rmtree(out_dir, ignore_errors=True)
+        debug = subprocess.run([sys.executable, "-m", "eecompile", "compile", str(model), "--key", str(key),
+                                "--out", str(out_dir)], capture_output=True, text=True, cwd=str(REPO),
+                               env={**os.environ, "EECOMPILE_DEBUG": "1"})
+        frames = [line.strip() for line in debug.stderr.splitlines() if line.strip().startswith("File ")]
+        row["compile"]["where"] = frames[-1] if frames else ""
+        row["compile"]["traceback_tail"] = debug.stderr.splitlines()[-12:]
     if proc.returncode != 0 or not (out_dir / "report.json").is_file():
         return row
     dims = hd.model_dims(arch)
@@ -426,7 +434,8 @@ def cell_summary(row: dict[str, Any]) -> dict[str, str]:
         return {**cols, "status": f"export failed: {exp.get('error')}"}
     comp = row.get("compile", {})
     if comp.get("rc") != 0:
-        return {**cols, "compile": str(comp.get("rc")), "status": comp.get("last_stderr", "")}
+        where = f" [{comp['where']}]" if comp.get("where") else ""
+        return {**cols, "compile": str(comp.get("rc")), "status": comp.get("last_stderr", "") + where}
     rep, ex, expo = row.get("report", {}), row.get("exact", {}), row.get("exposure", {})
     notes = []
     if exp.get("note"):
