@@ -135,7 +135,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     model, keyfile, out = Path(args.model), Path(args.key), Path(args.out)
     if not model.is_file():
         raise ModelFileError(f"model file not found: {model}" if not model.exists() else f"{model} is not a file")
-    key = load_key(keyfile)
+    key = load_key(keyfile, allow_insecure=args.allow_insecure_key)
     _check_inputs_survive(model, keyfile, out)
     tokenizer = getattr(args, "tokenizer", None)
     if tokenizer:
@@ -243,6 +243,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     result = generator.generate(prompt, args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 add_special_tokens=not args.no_special_tokens)
+    if result.finish_reason == "context":
+        print(f"{PROG}: stopped after {len(result.plain_ids)} tokens: the model's context of "
+              f"{generator.server.max_positions} tokens is full", file=sys.stderr)
     if args.show_wire:
         print(f"{PROG}: prompt ids as the server saw them: {' '.join(map(str, result.prompt_wire_ids))}",
               file=sys.stderr)
@@ -289,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (must be empty or new)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT_DIR, replacing its eecompile artifacts")
+    p.add_argument("--allow-insecure-key", action="store_true",
+                   help="use a key file that the group or others may access (refused otherwise; chmod 600 fixes it)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking encrypt → server → decrypt against the original on random inputs "
                         "(without it, a model that cannot be verified is not compiled)")

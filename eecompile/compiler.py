@@ -56,6 +56,18 @@ def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, A
     return mg, analyze(mg), normalized
 
 
+def _record_context(mg: ModelGraph, model_path: str | Path) -> None:
+    """Write the model's context length into the server model's metadata when the model states it
+    elsewhere (a ``config.json`` beside it, a RoPE cache), so that the server and generation enforce it."""
+    from eecompile.runtime.generate import _MAX_POSITION_KEYS, model_context_length
+
+    if any(k in mg.metadata for k in _MAX_POSITION_KEYS):
+        return
+    length = model_context_length(model_path)
+    if length is not None:
+        mg.metadata["max_position_embeddings"] = str(length)
+
+
 def lint_model(model_path: str | Path, *, notice: Notice | None = None) -> dict:
     """The lint report of a model (no key needed): what each space can be protected by.
 
@@ -198,6 +210,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         boundary = insert(analysis, bases)
         state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
         fold(analysis, bases)
+        _record_context(mg, model_path)
         staging.fault_point("emit")
         server_path, server_model = _emit_server(mg, new / "server")
         store.close()

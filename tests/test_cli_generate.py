@@ -256,3 +256,35 @@ def test_llm_demo_with_the_trained_model(capsys):
     code = run_llm_demo(max_new_tokens=16)
     out = capsys.readouterr().out
     assert code == 0 and "identical tokens" in out, out
+
+
+def test_tinylm_context_is_enforced_without_being_told(tmp_path, capsys):
+    """The shipped model records its 128-token context: over-long prompts are refused and generation
+    stops when the context is full, with no --max-context (issue 9, item 7)."""
+    from eecompile.runtime.generate import ServerDecoder, model_context_length
+
+    model, tokenizer, config = _tinylm()
+    assert model_context_length(model) == config["max_positions"] == 128
+    out = tmp_path / "out"
+    key = tmp_path / "k.key"
+    assert main(["keygen", str(key)]) == 0
+    assert main(["compile", str(model), "--key", str(key), "--out", str(out), "--tokenizer", str(tokenizer),
+                 "--no-verify"]) == 0
+    capsys.readouterr()
+    assert ServerDecoder(out / "server" / "model.onnx", "cpu").max_positions == 128  # the server model says so
+    code, _, err = _run(capsys, "generate", out, "--prompt", "And God said, " * 80, "--provider", "cpu")
+    _one_line_error(code, err, "the model's context holds 128")
+    code, _, err = _run(capsys, "generate", out, "--prompt-ids", " ".join(["5"] * 300), "--provider", "cpu")
+    _one_line_error(code, err, "300 tokens but the model's context holds 128")
+    code, text, err = _run(capsys, "generate", out, "--prompt-ids", "1 5 6", "--max-new-tokens", "1000000000000",
+                           "--provider", "cpu")
+    assert code == 0, err
+    assert len(text.split()) == 128 - 3 + 1  # the last token is sampled from the full context, not fed back
+    assert "context of 128 tokens is full" in err
+
+
+@pytest.mark.parametrize("seed", ["-1", "-100"])
+def test_negative_seed_is_a_user_error(setup, capsys, seed):
+    code, _, err = _run(capsys, "generate", setup["out"], "--prompt", PROMPT, "--temperature", "0.8",
+                        "--seed", seed, "--provider", "cpu")
+    _one_line_error(code, err, "seed")

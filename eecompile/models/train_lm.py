@@ -86,6 +86,19 @@ DEFAULTS: dict[str, Any] = {
 # --------------------------------------------------------------------------- tokenizer
 
 
+
+def record_context_length(path: Path, max_positions: int) -> None:
+    """Record the trained context in the ONNX file (metadata ``max_position_embeddings``): the rotary
+    angles are computed on the fly, so the graph itself does not state it, and generation must refuse
+    longer prompts and stop when it is full."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["max_position_embeddings"] = str(int(max_positions))
+    onnx.helper.set_model_props(proto, props)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
+
 def train_tokenizer(texts: list[str], vocab_size: int = 2048):
     """Byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts``; ``<s>`` is prepended on encode."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -285,6 +298,7 @@ def train(
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if export:
         export_llama_module(model, out / "model.onnx", exporter="dynamo", opset=20)
+        record_context_length(out / "model.onnx", int(cfg["max_positions"]))
     tail = losses[-min(50, len(losses)):]
     metrics = {
         "corpus": corpus,

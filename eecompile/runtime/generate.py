@@ -76,6 +76,9 @@ class SamplingConfig:
             raise GenerationError(f"top-k must be a positive integer, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not 0 <= self.seed < 2 ** 128):
+            raise GenerationError(f"the seed must be an integer in [0, 2**128), got {self.seed}")
         if self.greedy and (self.top_k is not None or self.top_p is not None):
             raise GenerationError("top-k and top-p need a temperature > 0 (temperature 0 is greedy decoding)")
 
@@ -269,22 +272,78 @@ def read_interface(session, model_path: str | Path | None = None) -> DecoderInte
 
 def model_context_length(model_path: str | Path) -> int | None:
     """The context length an ONNX decoder declares: metadata ``max_position_embeddings`` (or a
-    similar key), else the rows of a learned position-embedding table; None when unknown."""
+    similar key), else ``max_position_embeddings`` (or similar) in a ``config.json`` beside the
+    model, else the rows of a learned position-embedding table or of a RoPE cos/sin cache;
+    None when unknown."""
     return _model_limits(model_path)[0]
 
 
-def _model_limits(model_path: str | Path) -> tuple[int | None, int | None]:
-    """(context length, vocabulary size) read from the graph: metadata, or the embedding tables.
+def _positive_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value) or None
+    return None
 
-    The context length is the row count of a learned position-embedding table (a constant
-    2-D table gathered by something other than ``input_ids``, as wide as the token table);
-    models with rotary or no position embeddings have none (None).
+
+def _config_context(model_path: Path) -> int | None:
+    """``max_position_embeddings`` (or a similar key) of the Hugging Face style ``config.json`` beside the model."""
+    config = model_path.parent / "config.json"
+    try:
+        doc = json.loads(config.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    for section in (doc, doc.get("text_config"), doc.get("llm_config")):
+        if isinstance(section, dict):
+            for key in _MAX_POSITION_KEYS:
+                value = _positive_int(section.get(key))
+                if value is not None:
+                    return value
+    return None
+
+
+def _rope_cache_rows(model: onnx.ModelProto, tables: dict[str, list[int]]) -> list[int]:
+    """Rows of RoPE cos/sin caches: constant inputs of a RotaryEmbedding op, or tables gathered by position ids."""
+    rows = []
+    for n in model.graph.node:
+        if n.op_type == "RotaryEmbedding":
+            rows += [tables[i][0] for i in n.input if i in tables]
+    positions = {"position_ids"}
+    for n in model.graph.node:  # position ids reach a cache through casts and reshapes at most
+        if n.op_type in ("Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten") and n.input \
+                and n.input[0] in positions:
+            positions.update(n.output)
+    rows += [tables[n.input[0]][0] for n in model.graph.node
+             if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in tables and n.input[1] in positions]
+    return rows
+
+
+def _model_limits(model_path: str | Path) -> tuple[int | None, int | None]:
+    """(context length, vocabulary size) read from the graph: metadata, a config beside it, or the tables.
+
+    The context length is, in this order: a metadata entry (``max_position_embeddings`` and
+    similar keys); the same key in a ``config.json`` beside the model; the row count of a
+    learned position-embedding table (a constant 2-D table gathered by something other than
+    ``input_ids``, as wide as the token table); the row count of a RoPE cos/sin cache.
+    Models computing rotary angles on the fly and stating nothing have none (None).
     """
-    model = onnx.load(str(model_path), load_external_data=False)
+    model_path = Path(model_path)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf / onnx errors of a file that is not a model
+        from eecompile.errors import ModelFileError
+
+        raise ModelFileError(f"cannot read {model_path} as an ONNX model ({type(exc).__name__})") from None
     max_positions = None
     for prop in model.metadata_props:
-        if prop.key in _MAX_POSITION_KEYS and prop.value.strip().isdigit():
+        if prop.key in _MAX_POSITION_KEYS and _positive_int(prop.value) is not None:
             max_positions = int(prop.value)
+    if max_positions is None:
+        max_positions = _config_context(model_path)
     tables = {t.name: list(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
     ids_like = {"input_ids"}
     for n in model.graph.node:  # ids reach the embedding through Casts at most
@@ -298,6 +357,9 @@ def _model_limits(model_path: str | Path) -> tuple[int | None, int | None]:
         rows = [tables[n.input[0]][0] for n in model.graph.node
                 if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in tables
                 and n.input[1] not in ids_like and tables[n.input[0]][1] == width]
+        max_positions = min(rows) if rows else None
+    if max_positions is None:
+        rows = _rope_cache_rows(model, tables)
         max_positions = min(rows) if rows else None
     return max_positions, vocab
 

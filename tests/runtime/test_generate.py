@@ -292,3 +292,58 @@ def test_tinylm_sampling_equals_plaintext(tinylm):
         assert got.plain_ids == ref.plain_ids and got.text == ref.text and got.finish_reason == ref.finish_reason
         texts.add(got.text)
     assert len(texts) > 1
+
+
+# -- the context length a model states (issue 9, item 7) -----------------------------------
+def _rope_cache_model(path, rows: int, rotary_op: bool = False):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cos = numpy_helper.from_array(np.zeros((rows, 4), np.float32), "cos_cache")
+    table = numpy_helper.from_array(np.zeros((10, 8), np.float32), "embed_tokens.weight")
+    nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["h"])]
+    if rotary_op:
+        nodes.append(helper.make_node("RotaryEmbedding", ["h", "position_ids", "cos_cache", "cos_cache"], ["logits"],
+                                      domain="com.microsoft"))
+    else:
+        nodes += [helper.make_node("Gather", ["cos_cache", "position_ids"], ["c"]),
+                  helper.make_node("Concat", ["c", "c"], ["cc"], axis=-1),
+                  helper.make_node("Mul", ["h", "cc"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "s"]),
+                                           helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "s", 8])], [cos, table])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+@pytest.mark.parametrize("rotary_op", [False, True])
+def test_context_from_a_rope_cache(tmp_path, rotary_op):
+    from eecompile.runtime.generate import model_context_length
+
+    assert model_context_length(_rope_cache_model(tmp_path / "m.onnx", 48, rotary_op)) == 48
+
+
+def test_context_from_a_config_beside_the_model(zoo, key_a, tmp_path):
+    import json
+
+    import onnx
+
+    from eecompile import compile_model
+    from eecompile.runtime.generate import ServerDecoder, model_context_length
+
+    src = zoo.export("llama", "dynamo", 20)
+    assert model_context_length(src) is None  # rotary angles computed on the fly: the graph does not say
+    model = tmp_path / "model" / "model.onnx"
+    model.parent.mkdir()
+    shutil.copy(src, model)
+    (model.parent / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 12}))
+    assert model_context_length(model) == 12
+    result = compile_model(model, key_a, tmp_path / "out", verify=False)
+    props = {p.key: p.value for p in onnx.load(str(result.server_model), load_external_data=False).metadata_props}
+    assert props["max_position_embeddings"] == "12"  # recorded for the server, which has no config beside it
+    server = ServerDecoder(result.server_model, "cpu")
+    assert server.max_positions == 12
+    with pytest.raises(GenerationError, match="13 tokens but the model's context holds 12"):
+        server.prefill(list(range(13)))
+    got = server.generate([1, 2, 3], 10 ** 12)
+    assert got.finish_reason == "context" and len(got.ids) == 12 - 3 + 1
