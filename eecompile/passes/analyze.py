@@ -71,7 +71,7 @@ def analyze(mg: ModelGraph) -> Analysis:
                 break  # reads no values: leaves the input for a later consumer to bind
             if tensor.name in graph_inputs and tensor.name not in bound:
                 bound.add(tensor.name)
-                ctx.set(tensor, rule.bind_input(node, index, ctx) if rule else None)
+                ctx.set(tensor, _bind(node, index, rule, ctx))
         if inst is not None:
             if node is inst.anchor:
                 inst.analyze(ctx)
@@ -80,9 +80,14 @@ def analyze(mg: ModelGraph) -> Analysis:
         if rule is None:
             _no_rule(node, ctx, result)
             continue
+        if _pass_index_values(node, ctx, rule):
+            continue
         rule.analyze(node, ctx)
     for tensor in mg.graph.outputs:
         ann = ctx.get(tensor)
+        if isinstance(ann, Protected) and ann.head_tiled:
+            ctx.clear(ann, _fake(tensor), "a head axis merged with another axis cannot leave the graph")
+            ctx.set(tensor, None)
         if isinstance(ann, Squares):
             ctx.restrict(ann, BasisClass.PERMUTATION, _fake(tensor), "squares leave the graph")
             ctx.set(tensor, ann.source)
@@ -90,6 +95,46 @@ def analyze(mg: ModelGraph) -> Analysis:
     result.state_outputs = [t.name for t in mg.graph.outputs if STATE_OUTPUT.search(t.name)]
     _tie_vocabulary(result)
     return result
+
+
+def _bind(node: gs.Node, index: int, rule, ctx: AnalysisContext, depth: int = 0):
+    """The annotation of graph input ``node.inputs[index]``, proposed by the first rule reading it.
+
+    An op that keeps index values (``input_ids.view(-1, S)`` before the embedding Gather)
+    proposes what its consumers would bind its output to.
+    """
+    if rule is None:
+        return None
+    ann = rule.bind_input(node, index, ctx)
+    if ann is not None or not rule.keeps_index_values or index != 0 or depth > 8:
+        return ann
+    if not node.outputs or node.outputs[0].dtype is None or ctx.mg.is_float(node.outputs[0]):
+        return None
+    out = node.outputs[0]
+    for consumer in out.outputs:
+        found = _bind(consumer, consumer.inputs.index(out), rule_for(consumer), ctx, depth + 1)
+        if isinstance(found, IndexValues):
+            return found
+    return None
+
+
+def _pass_index_values(node: gs.Node, ctx: AnalysisContext, rule) -> bool:
+    """Index values through an op that only moves them: the output carries the same ids."""
+    if not rule.keeps_index_values or not node.inputs:
+        return False
+    ann = ctx.get(node.inputs[0])
+    if not isinstance(ann, IndexValues):
+        return False
+    out = node.outputs[0]
+    if out.dtype is None or ctx.mg.is_float(out):
+        ctx.clear(ann, node, "index values used by an op that cannot read permuted ids")
+        ctx.ann.pop(node.inputs[0].name, None)
+        ctx.set(out, None)
+    else:
+        ctx.set(out, ann)
+    for extra in node.outputs[1:]:
+        ctx.set(extra, None)
+    return True
 
 
 def _fake(tensor: gs.Tensor) -> gs.Node:
@@ -102,7 +147,8 @@ def _coerce_inputs(node: gs.Node, ctx: AnalysisContext, rule) -> None:
         ann = ctx.get(tensor)
         if node.op in SHAPE_ONLY_OPS:
             return
-        if isinstance(ann, IndexValues) and not getattr(rule, "accepts_index", False):
+        if isinstance(ann, IndexValues) and not (getattr(rule, "accepts_index", False)
+                                                 or (tensor is node.inputs[0] and getattr(rule, "keeps_index_values", False))):
             ctx.clear(ann, node, "index values used by an op that cannot read permuted ids")
             ctx.ann.pop(tensor.name, None)
         elif isinstance(ann, Squares) and node.op not in ("ReduceMean", "ReduceSum"):

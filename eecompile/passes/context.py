@@ -138,7 +138,7 @@ class AnalysisContext:
     def unify(self, a: Protected, b: Protected, node: gs.Node, reason: str) -> bool:
         """Require two annotations on the same axis layout to share their bases."""
         limit = self.limit(node, reason)
-        if (a.head_axis is None) != (b.head_axis is None):
+        if (a.head_axis is None) != (b.head_axis is None) or a.head_tiled != b.head_tiled:
             return False
         if a.head_axis is not None:
             if len(a.refs) != len(b.refs):
@@ -251,6 +251,8 @@ def _apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, transfo
             "perm": lambda b: AxisBasis(tuple(_perm_only(x) for x in b.blocks))}[transform]
     if prot.head_axis is None:
         return pick(ctx.axis_basis(prot)).right(array, prot.axis)
+    if prot.head_tiled:
+        raise ValueError("a constant cannot be folded along a head axis merged with another axis")
     heads = len(prot.refs)
     shape = list(array.shape)
     shape[prot.head_axis] = heads

@@ -18,6 +18,10 @@ class OpRule:
 
     op_types: tuple[str, ...] = ()
     domain: str = ""
+    keeps_index_values: bool = False
+    """The op moves or copies integer values without changing them (Reshape, Squeeze, Slice,
+    Cast between integer types): index values pass through it, and a graph input it reads
+    is bound by what its consumers read."""
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
         """Annotation for graph input ``node.inputs[index]`` (default: clear)."""

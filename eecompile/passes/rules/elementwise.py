@@ -79,6 +79,7 @@ class CastRule(OpRule):
     """Cast between float types keeps the basis; to anything else the values must be clear."""
 
     op_types = ("Cast", "CastLike")
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -181,6 +182,9 @@ class BinaryRule(OpRule):
             return p  # a slice of a constant table (e.g. positions[:S]): the table is folded
         if value is not None:
             flat = constant_along(value, p.axis, ry)
+            if p.head_tiled and (op in ("Add", "Sub") or not flat):
+                ctx.clear(p, node, f"{op} of a constant along a head axis merged with another axis")
+                return None
             if not np.all(np.isfinite(value)) and op in ("Add", "Sub", "Mul", "Div"):
                 ctx.restrict(p, BasisClass.POSITIVE_MONOMIAL, node,
                              "an infinite constant survives only positive scaling and permutation")

@@ -70,7 +70,8 @@ class MatMulRule(OpRule):
                 ok = ctx.unify(a, Protected(b.axis, tuple(r.flipped() for r in b.refs)), node,
                                "contracted axes of a product of activations must be dual")
             elif (a.head_axis is not None and b.head_axis is not None
-                  and a.head_axis - ra == b.head_axis - rb and len(a.refs) == len(b.refs)):
+                  and a.head_axis - ra == b.head_axis - rb and len(a.refs) == len(b.refs)
+                  and a.head_tiled == b.head_tiled):
                 limit = ctx.limit(node, "per-head dual bases (scores stay clear)")
                 for ra_, rb_ in zip(a.refs, b.refs):
                     ctx.spaces.union(ra_, rb_.flipped(), limit)

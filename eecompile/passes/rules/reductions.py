@@ -16,7 +16,7 @@ def _renumber(p: Protected, removed: list[int]) -> Protected:
     """Axes of ``p`` after the axes ``removed`` disappear."""
     def shift(axis: int) -> int:
         return axis - sum(1 for r in removed if r < axis)
-    return Protected(shift(p.axis), p.refs, None if p.head_axis is None else shift(p.head_axis))
+    return Protected(shift(p.axis), p.refs, None if p.head_axis is None else shift(p.head_axis), p.head_tiled)
 
 
 class ReduceRule(OpRule):

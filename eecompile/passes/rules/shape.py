@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
 from eecompile.passes.rules import register
@@ -28,6 +29,7 @@ class TransposeRule(OpRule):
     """Transpose: the protected and head axes move with the permutation."""
 
     op_types = ("Transpose",)
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -44,6 +46,7 @@ class UnsqueezeRule(OpRule):
     """Unsqueeze: axes shift around the inserted ones."""
 
     op_types = ("Unsqueeze",)
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -65,6 +68,7 @@ class SqueezeRule(OpRule):
     """Squeeze: axes shift; squeezing the protected axis itself clears it."""
 
     op_types = ("Squeeze",)
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -93,6 +97,7 @@ class ExpandRule(OpRule):
     """Expand/Tile-free broadcast: the protected axis keeps its size and moves with the rank."""
 
     op_types = ("Expand",)
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -119,58 +124,65 @@ def _refine_expand_shape(node: gs.Node, ctx: AnalysisContext, rank_out: int) -> 
         d if d != 1 else (t if t is not None else o) for d, t, o in zip(din, target, inferred)]
 
 
-def _signature(dims: Dims, start: int, stop: int) -> tuple | None:
-    symbols, product = [], 1
-    for d in dims[start:stop]:
-        if d is None:
-            return None
-        if isinstance(d, str):
-            symbols.append(d)
-        else:
-            product *= d
-    return (tuple(sorted(symbols)), product)
-
-
 def _aligned(din: Dims, i: int, dout: Dims, j: int) -> bool:
     """Whether the boundary before input axis ``i`` maps to the one before output axis ``j``."""
-    pre_in, pre_out = _signature(din, 0, i), _signature(dout, 0, j)
-    if pre_in is not None and pre_in == pre_out:
-        return True
-    suf_in, suf_out = _signature(din, i, len(din)), _signature(dout, j, len(dout))
-    return suf_in is not None and suf_in == suf_out
+    return dims.same_elements(din, 0, i, dout, 0, j) or dims.same_elements(din, i, len(din), dout, j, len(dout))
+
+
+def _maps_to(din: Dims, i: int, dout: Dims, j: int) -> bool:
+    """Whether input axis ``i`` survives the reshape as output axis ``j`` (same size, same place)."""
+    return dims.equal(din[i], dout[j]) and _aligned(din, i, dout, j) and _aligned(din, i + 1, dout, j + 1)
 
 
 def reshape_annotation(ctx: AnalysisContext, x: Protected, din: Dims, dout: Dims) -> Annotation | bool:
-    """Where ``x`` goes through a reshape ``din -> dout``; False when it cannot be followed."""
+    """Where ``x`` goes through a reshape ``din -> dout``; False when it cannot be followed.
+
+    Sizes are compared symbolically (:mod:`eecompile.passes.dims`), so ``[batch, seq, 64] ->
+    [batch, seq, 4, 16]`` splits heads and ``[batch, 4, seq, 16] -> [4*batch, seq, 16]`` merges
+    the batch into the head axis (a *tiled* head axis) whatever batch and seq are.
+    """
     a, h = x.axis, x.head_axis
     n = ctx.axis_size(x)
+    din = list(din)
+    din[a] = n if din[a] is None else din[a]
     for b in range(len(dout)):
         if h is None:
-            if dout[b] == n and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
+            if dims.equal(dout[b], n) and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
                 return x.moved(b)
-            if (b + 1 < len(dout) and isinstance(dout[b], int) and isinstance(dout[b + 1], int)
-                    and dout[b] * dout[b + 1] == n and dout[b] > 1
+            heads, width = (dims.as_int(dout[b]), dims.as_int(dout[b + 1])) if b + 1 < len(dout) else (None, None)
+            if (heads is not None and width is not None and heads * width == n and heads > 1
                     and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 2)):
-                blocks = ctx.spaces.refine(x.refs, [dout[b + 1] * (k + 1) for k in range(dout[b])])
+                blocks = ctx.spaces.refine(x.refs, [width * (k + 1) for k in range(heads)])
                 return Protected(b + 1, blocks, head_axis=b)
         else:
             heads = len(x.refs)
-            if h == a - 1 and dout[b] == heads * n and _aligned(din, h, dout, b) and _aligned(din, a + 1, dout, b + 1):
+            if (h == a - 1 and not x.head_tiled and dims.equal(din[h], heads) and dims.equal(dout[b], heads * n)
+                    and _aligned(din, h, dout, b) and _aligned(din, a + 1, dout, b + 1)):
                 return Protected(b, tuple(x.refs))
-    if h is not None:
-        head_to = feat_to = None
-        repeat = 1
-        for b in range(len(dout)):
-            if dout[b] == din[h] and _aligned(din, h, dout, b) and _aligned(din, h + 1, dout, b + 1):
-                head_to = b
-            elif (h + 1 < len(din) and h + 1 != a and isinstance(din[h + 1], int) and isinstance(din[h], int)
-                  and dout[b] == din[h] * din[h + 1] and _aligned(din, h, dout, b) and _aligned(din, h + 2, dout, b + 1)):
-                head_to, repeat = b, din[h + 1]
-            if dout[b] == n and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
-                feat_to = b
-        if head_to is not None and feat_to is not None:
-            refs = tuple(r for r in x.refs for _ in range(repeat))
-            return Protected(feat_to, refs, head_axis=head_to)
+    if h is None:
+        return False
+    head_to = feat_to = None
+    refs, tiled = tuple(x.refs), x.head_tiled
+    heads = len(refs)
+    for b in range(len(dout)):
+        if _maps_to(din, h, dout, b):
+            head_to = b
+        elif (not x.head_tiled and h + 1 < len(din) and h + 1 != a and dims.as_int(din[h]) is not None
+              and dims.as_int(din[h + 1]) is not None and dims.equal(dout[b], dims.product(din[h:h + 2]))
+              and _aligned(din, h, dout, b) and _aligned(din, h + 2, dout, b + 1)):
+            head_to, refs = b, tuple(r for r in x.refs for _ in range(dims.as_int(din[h + 1])))  # GQA repeat
+        elif (not x.head_tiled and h >= 1 and h - 1 != a and dims.equal(din[h], heads)
+              and dims.equal(dout[b], dims.product(din[h - 1:h + 1]))
+              and _aligned(din, h - 1, dout, b) and _aligned(din, h + 1, dout, b + 1)):
+            head_to, tiled = b, True  # [B, H, ...] -> [B·H, ...]
+        elif (x.head_tiled and b >= 1 and dims.equal(dout[b], heads) and b - 1 != feat_to
+              and dims.equal(din[h], dims.product(dout[b - 1:b + 1]))
+              and _aligned(din, h, dout, b - 1) and _aligned(din, h + 1, dout, b + 1)):
+            head_to, tiled = b, False  # [B·H, ...] -> [B, H, ...]
+        if dims.equal(dout[b], n) and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 1):
+            feat_to = b
+    if head_to is not None and feat_to is not None and head_to != feat_to:
+        return Protected(feat_to, refs, head_axis=head_to, head_tiled=tiled)
     return False
 
 
@@ -196,6 +208,7 @@ class ReshapeRule(OpRule):
     """Reshape/Flatten: follow the axis, split it into heads, or merge heads back."""
 
     op_types = ("Reshape", "Flatten")
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -229,6 +242,7 @@ class SliceRule(OpRule):
     """Slice: along another axis the annotation follows; along the axis it keeps whole blocks."""
 
     op_types = ("Slice",)
+    keeps_index_values = True
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -262,6 +276,9 @@ class SliceRule(OpRule):
         lo, hi = (lo + total if lo < 0 else lo), (hi + total if hi < 0 else hi)
         lo, hi = max(0, min(lo, total)), max(0, min(hi, total))
         if x.axis not in axes:  # slicing heads
+            if x.head_tiled:
+                ctx.clear_all(node, "slice of a head axis merged with another axis", node.inputs[:1])
+                return
             ctx.set(y, Protected(x.axis, x.refs[lo:hi], x.head_axis))
             return
         blocks = ctx.spaces.refine(x.refs, [lo, hi])
@@ -303,6 +320,9 @@ class SplitRule(OpRule):
             sizes = [-(-total // parts)] * (parts - 1)
             sizes.append(total - sum(sizes))
         cuts = list(np.cumsum(sizes))
+        if axis == x.head_axis and x.head_tiled:
+            ctx.clear_all(node, "split of a head axis merged with another axis", node.inputs[:1])
+            return
         if axis == x.head_axis:
             starts = [0, *cuts[:-1]]
             for out, lo, hi in zip(node.outputs, starts, cuts):
