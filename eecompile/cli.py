@@ -130,7 +130,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from eecompile.compiler import compile_model
     from eecompile.errors import ModelFileError
     from eecompile.keys import load_key
-    from eecompile.report import BASIS_ORDER
+    from eecompile.report import BASIS_ORDER, exposure_line
 
     model, keyfile, out = Path(args.model), Path(args.key), Path(args.out)
     if not model.is_file():
@@ -155,6 +155,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     summary = report.get("summary", {})
     counts = ", ".join(f"{summary[b]} {b}" for b in BASIS_ORDER if b in summary) or "none"
     print(f"compiled {model} with key {key.fingerprint()} into {out}/")
+    for warning in report.get("warnings", []):
+        print(f"  WARNING: {warning}")
     print(f"  spaces: {len(report['spaces'])} ({counts})")
     for side in ("inputs", "outputs"):
         print(f"  {side}:")
@@ -170,6 +172,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"  verification: passed ({v.detail})")
     else:
         print(f"  verification: not run ({v.detail})")
+    exposure = report.get("exposure")
+    if exposure:
+        print(f"  {exposure_line(exposure)}")
+        exposed = exposure.get("exposed", [])
+        if exposed:
+            names = ", ".join(f"{e['node'] or e['tensor']} ({e['op_type']})" for e in exposed[:5])
+            more = f" and {len(exposed) - 5} more (report.json lists them)" if len(exposed) > 5 else ""
+            print(f"    exposed: {names}{more}")
     print(f"  server model:  {result.server_model}  (the server folder is all the server needs)")
     print(f"  client bundle: {result.client_dir}/  (keep it on the client side)")
     if tokenizer:

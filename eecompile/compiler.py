@@ -23,10 +23,11 @@ from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.fold import fold
 from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
 from eecompile.passes.insert import insert
+from eecompile.passes.exposure import exposure_for_compile
 from eecompile.passes.normalize import normalize
 from eecompile.passes.plan import plan
 from eecompile.passes.verify import CannotVerify, VerifyResult, check_structure, state_transforms, verify_equivalence
-from eecompile.report import build_report, render_markdown
+from eecompile.report import build_report, exposure_warnings, render_markdown
 from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
 
@@ -233,6 +234,8 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         report = build_report(analysis, normalized, Path(model_path).name, boundary)
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
+        report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)
+        report["warnings"].extend(exposure_warnings(report["exposure"]))
         report["key_fingerprint"] = key.fingerprint()
         report["source_model"] = str(Path(model_path).resolve())
         (new / "report.json").write_text(json.dumps(report, indent=2) + "\n")

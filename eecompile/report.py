@@ -324,6 +324,23 @@ def render_text(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def exposure_warnings(e: dict) -> list[str]:
+    """Warnings for a measured exposure: tensors and KV-cache outputs equal to the plaintext run."""
+    if not e.get("checked"):
+        return []
+    out = []
+    inter = [x for x in e["exposed"] if x.get("kind") != "state"]
+    state = [x for x in e["exposed"] if x.get("kind") == "state"]
+    if state:
+        out.append(f"{len(state)} of {e['state_outputs_compared']} KV-cache output(s) equal the plaintext run: "
+                   f"{_names([x['tensor'] for x in state])}")
+    if inter:
+        where = [f"{x['node'] or x['tensor']} ({x['op_type']})" for x in inter]
+        out.append(f"{len(inter)} of {e['intermediates_compared']} intermediate tensor(s) equal the plaintext run, "
+                   f"first at {_names(where, 4)}")
+    return out
+
+
 def verification_line(v: dict) -> str:
     """One line for the verification result of a compile."""
     return ("passed (" if v.get("checked") else "not run (") + f"{v.get('detail', '')})"

@@ -408,3 +408,13 @@ def test_compile_refuses_a_key_file_others_can_read(capsys, tmp_path, mlp_model,
     code, _, err = _run(capsys, "compile", mlp_model, "--key", exposed, "--out", out, "--no-verify",
                         "--allow-insecure-key")
     assert code == 0, err
+
+
+def test_compile_prints_the_exposure_summary(capsys, tmp_path, mlp_model, keyfile):
+    code, stdout, err = _run(capsys, "compile", mlp_model, "--key", keyfile, "--out", tmp_path / "o")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    e = report["exposure"]
+    assert e["checked"] and e["intermediates_exposed"] == 0
+    assert f"  exposure: 0 of {e['intermediates_compared']} intermediate tensors equal the plaintext run" in stdout
+    assert "WARNING" not in stdout and "exposed:" not in stdout

@@ -276,7 +276,10 @@ def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def state_pairs(state_inputs: list[str], state_outputs: list[str]) -> list[tuple[str, str]]:
-    """(past input, present output) pairs: ``past_key_values.0.key`` ↔ ``present.0.key``, ``past_key`` ↔ ``present_key``."""
+    """(past input, present output) pairs by name.
+
+    ``past_key_values.0.key`` ↔ ``present.0.key``, ``past_key`` ↔ ``present_key``.
+    """
     def key(name, prefixes):
         for p in prefixes:
             m = re.match(rf"(.*?)(^|[._/]){p}", name, re.IGNORECASE)
@@ -429,7 +432,8 @@ def _run_encrypted(enc, names, feeds) -> dict[str, np.ndarray]:
     try:
         return dict(zip(names, enc.run(names, feeds)))
     except Exception as exc:
-        raise VerificationError(f"the compiled model fails on inputs the original accepts ({_first_line(exc)})") from None
+        raise VerificationError(f"the compiled model fails on inputs the original accepts "
+                                f"({_first_line(exc)})") from None
 
 
 def _compare(expected, decrypted, client, full, tolerance, step: str) -> float:
