@@ -216,7 +216,9 @@ def feeds_for(session, symbols: dict[str, int], seed: int,
     """Random feeds with symbolic dims set by ``symbols`` (unknown ones: 1).
 
     Integer inputs: index inputs uniform over their classes, ``*position*`` counting on from
-    the past length (the last ``L`` of ``past + seq`` positions), ``*mask*`` ones, others 0.
+    the past length (the last ``L`` of ``past + seq`` positions), ``*mask*`` ones,
+    GroupQueryAttention's ``seqlens_k`` past + seq − 1 and ``total_sequence_length`` past +
+    seq, others 0.
     """
     rng = np.random.default_rng(seed)
     index_sizes = index_sizes or {}
@@ -230,6 +232,10 @@ def feeds_for(session, symbols: dict[str, int], seed: int,
         if "int" in type_:
             if name in index_sizes:
                 value = rng.integers(0, index_sizes[name], size=shape)
+            elif re.search(r"seqlens", name, re.IGNORECASE):  # GroupQueryAttention: last index per row
+                value = np.full(shape, past + seq - 1)
+            elif re.fullmatch(r"total_seq(uence)?(_len(gth)?)?", name, re.IGNORECASE):
+                value = np.full(shape, past + seq)
             elif "position" in name:
                 length = shape[-1] if shape else 1
                 start = past + seq - length if 0 < length <= past + seq else 0

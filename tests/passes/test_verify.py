@@ -203,6 +203,20 @@ def test_user_shapes_fix_symbols_and_roles():
     assert all(a["past_len"] == 0 for a in candidate_assignments(session, allow_past=False))
 
 
+def test_group_query_attention_lengths():
+    model = _model([helper.make_node("Identity", [n], [f"{n}_o"]) for n in ("seqlens_k", "total_sequence_length")],
+                   inputs=[helper.make_tensor_value_info("input_ids", INT64, ["batch_size", "sequence_length"]),
+                           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+                           helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+                           helper.make_tensor_value_info("past_key_values.0.key", FLOAT,
+                                                         ["batch_size", 2, "past_sequence_length", 4])],
+                   outputs=[helper.make_tensor_value_info(f"{n}_o", TensorProto.INT32, None)
+                            for n in ("seqlens_k", "total_sequence_length")])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = random_feeds(session, 0)
+    assert feeds["seqlens_k"].tolist() == [4, 4] and int(feeds["total_sequence_length"]) == 5
+
+
 def test_state_pairs_by_name():
     assert state_pairs(["past_key_values.0.key", "past_key_values.0.value", "past_key"],
                        ["present.0.value", "present.0.key", "present_key"]) == [
