@@ -410,6 +410,32 @@ def test_compile_refuses_a_key_file_others_can_read(capsys, tmp_path, mlp_model,
     assert code == 0, err
 
 
+def _external_data_model(path: Path) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((64, 512), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 512])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("command", ["lint", "compile"])
+def test_truncated_external_data_is_a_user_error(capsys, tmp_path, keyfile, command):
+    model = _external_data_model(tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    argv = ["lint", model] if command == "lint" else ["compile", model, "--key", keyfile, "--out", tmp_path / "o"]
+    code, _, err = _run(capsys, *argv)
+    _assert_user_error(code, err, str(data), "truncated")
+    assert not (tmp_path / "o").exists()
+
+
 def test_compile_prints_the_exposure_summary(capsys, tmp_path, mlp_model, keyfile):
     code, stdout, err = _run(capsys, "compile", mlp_model, "--key", keyfile, "--out", tmp_path / "o")
     assert code == 0, err

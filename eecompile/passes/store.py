@@ -47,6 +47,12 @@ class FileValues(LazyValues):
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             data = np.fromfile(fh, dtype=self.np_dtype, count=count)
+        if data.size != count:
+            from eecompile.errors import ModelFileError
+
+            raise ModelFileError(f"external data file {self.path} is truncated: tensor '{self.tensor.name}' needs "
+                                 f"{count * self.np_dtype.itemsize} bytes at offset {self.offset}, the file holds "
+                                 f"{data.size * self.np_dtype.itemsize}")
         return data.reshape(self.shape)
 
 
@@ -89,7 +95,18 @@ def external_values(tensor: onnx.TensorProto, base_dir: Path) -> FileValues | No
     location = Path(info["location"])
     path = location if location.is_absolute() else base_dir / location
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return FileValues(path, int(info.get("offset", 0)), tuple(tensor.dims), dtype, tensor.name)
+    values = FileValues(path, int(info.get("offset", 0)), tuple(tensor.dims), dtype, tensor.name)
+    needed = values.offset + int(np.prod(tensor.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None  # a missing file is reported where it is read
+    if size is not None and size < needed:
+        from eecompile.errors import ModelFileError
+
+        raise ModelFileError(f"external data file {path} is truncated: tensor '{tensor.name}' needs bytes up to "
+                             f"offset {needed}, the file has {size}")
+    return values
 
 
 class TensorStore:

@@ -46,10 +46,16 @@ def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray
     if t.kind == "index":
         table = t.index.index_map() if inverse else t.index.inverse().index_map()
         ids = np.asarray(value)
+        if ids.dtype.kind not in "iu":
+            raise FeedError(f"'{t.name}' holds {ids.dtype} values; token ids must be integers")
         if ids.size and (ids.min() < 0 or ids.max() >= len(table)):
             raise FeedError(f"'{t.name}' holds ids outside [0, {len(table)})")
         return table[ids].astype(ids.dtype)
     dtype = value.dtype
+    if dtype.kind not in "fiu":
+        raise FeedError(f"'{t.name}' holds {dtype} values; the model expects numbers")
+    if t.rank is not None and value.ndim != t.rank or value.ndim == 0:
+        raise FeedError(f"'{t.name}' has rank {value.ndim} (shape {list(value.shape)}); the model expects rank {t.rank}")
     array = np.asarray(value, dtype=np.float64)
     axis = t.axis % array.ndim
     if array.shape[axis] != t.heads[0].size:
@@ -85,6 +91,8 @@ class Client:
 
     def encrypt(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Plaintext feeds → ciphertext feeds (state inputs pass through)."""
+        if not isinstance(feeds, dict):
+            raise FeedError(f"feeds must be a dict of input name to array, got {type(feeds).__name__}")
         unknown = sorted(set(feeds) - set(self._inputs))
         if unknown:
             raise FeedError(f"unknown input name(s) {unknown}; the model's inputs are {sorted(self._inputs)}")
@@ -92,6 +100,8 @@ class Client:
 
     def decrypt(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ciphertext outputs → plaintext outputs (state outputs pass through)."""
+        if not isinstance(outputs, dict):
+            raise FeedError(f"outputs must be a dict of output name to array, got {type(outputs).__name__}")
         unknown = sorted(set(outputs) - set(self._outputs))
         if unknown:
             raise FeedError(f"unknown output name(s) {unknown}; the model's outputs are {sorted(self._outputs)}")

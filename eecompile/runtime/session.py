@@ -48,6 +48,8 @@ class EncryptedSession:
         return self.session.get_outputs()
 
     def _check(self, feeds: dict[str, np.ndarray]) -> None:
+        if not isinstance(feeds, dict):
+            raise FeedError(f"feeds must be a dict of input name to array, got {type(feeds).__name__}")
         expected = {i.name: i for i in self.session.get_inputs()}
         missing = sorted(set(expected) - set(feeds))
         unknown = sorted(set(feeds) - set(expected))
@@ -61,6 +63,21 @@ class EncryptedSession:
                 raise FeedError(f"input '{name}' has dtype {value.dtype}; the model expects {np.dtype(want)}")
             if len(spec.shape) != value.ndim or any(isinstance(d, int) and d != v for d, v in zip(spec.shape, value.shape)):
                 raise FeedError(f"input '{name}' has shape {list(value.shape)}; the model expects {spec.shape}")
+        symbols: dict[str, tuple[str, int]] = {}  # one size per symbolic dim across all inputs
+        for name, value in feeds.items():
+            for dim, size in zip(expected[name].shape, np.shape(value)):
+                if isinstance(dim, str) and dim:
+                    first = symbols.setdefault(dim, (name, size))
+                    if first[1] != size:
+                        raise FeedError(f"input '{name}' has {dim}={size} but '{first[0]}' has {dim}={first[1]}; "
+                                        "they must agree")
+        if "attention_mask" in feeds and "input_ids" in feeds and np.ndim(feeds["attention_mask"]) >= 1:
+            past = next((np.shape(v)[2] for k, v in sorted(feeds.items()) if k.startswith("past") and np.ndim(v) == 4), 0)
+            want = np.shape(feeds["input_ids"])[-1] + past
+            got = np.shape(feeds["attention_mask"])[-1]
+            if got != want:
+                raise FeedError(f"'attention_mask' covers {got} positions; it must cover the past ({past}) and the "
+                                f"new ids ({want - past}): {want}")
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         """Like ``InferenceSession.run``: plaintext feeds in, plaintext outputs out.
@@ -69,7 +86,14 @@ class EncryptedSession:
         as the matching ``past*`` inputs, which pass through untouched.
         """
         self._check(feeds)
-        names = output_names or [o.name for o in self.session.get_outputs()]
+        available = [o.name for o in self.session.get_outputs()]
+        if output_names is not None:
+            if isinstance(output_names, str) or not all(isinstance(n, str) for n in output_names):
+                raise FeedError(f"output_names must be a list of output names, got {output_names!r}")
+            unknown = sorted(set(output_names) - set(available))
+            if unknown:
+                raise FeedError(f"unknown output name(s) {unknown}; the model's outputs are {available}")
+        names = list(output_names) if output_names else available
         raw = self.session.run(names, self.client.encrypt(feeds), run_options)
         plain = self.client.decrypt(dict(zip(names, raw)))
         return [plain[n] for n in names]

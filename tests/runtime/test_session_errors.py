@@ -188,3 +188,55 @@ def test_transforms_one_row_short_is_refused_at_load(compilations, tmp_path):
     with pytest.raises(BundleError, match="corrupt") as info:
         Client.load(out / "client")
     assert name in str(info.value)
+
+
+# -- bad values through the Python API are eecompile errors, checked before ONNX Runtime (item 11) --
+@pytest.mark.parametrize("ids", [np.array([[1.0, 2.0]]), np.array([[np.nan, 1.0]]), np.array([[0.5]], np.float32),
+                                 np.array([["a", "b"]])])
+def test_client_refuses_ids_that_are_not_integer_arrays(compilations, ids):
+    client = Client.load(compilations[0] / "client")
+    with pytest.raises(FeedError, match="input_ids") as info:
+        client.encrypt({"input_ids": ids})
+    assert "\n" not in str(info.value)
+
+
+def test_client_refuses_a_scalar_for_a_vector_space(compilations):
+    client = Client.load(compilations[0] / "client")
+    with pytest.raises(FeedError, match="rank"):
+        client.decrypt({"logits": np.array(3.0, np.float32)})
+
+
+def test_client_refuses_feeds_that_are_not_a_dict(compilations):
+    client = Client.load(compilations[0] / "client")
+    with pytest.raises(FeedError, match="dict"):
+        client.encrypt([_ids()])
+
+
+def test_unknown_output_name_is_a_feed_error(compilations):
+    session = EncryptedSession(compilations[0])
+    with pytest.raises(FeedError, match="nope"):
+        session.run(["nope"], {"input_ids": _ids()})
+    with pytest.raises(FeedError, match="output_names"):
+        session.run("logits", {"input_ids": _ids()})
+
+
+def test_attention_mask_longer_than_the_ids(zoo, key_a):
+    pytest.importorskip("torch")
+    session = EncryptedSession(zoo.compile("bert", "dynamo", 20, key_a).out_dir)
+    ids = np.ones((1, 4), np.int64)
+    with pytest.raises(FeedError, match="attention_mask|sequence"):
+        session.run(None, {"input_ids": ids, "attention_mask": np.ones((1, 6), np.int64)})
+    llama = EncryptedSession(zoo.compile("llama", "dynamo", 20, key_a).out_dir)
+    feeds = {i.name: np.zeros([1 if d == "batch" else 0 if d == "past_sequence" else d for d in i.shape], np.float32)
+             for i in llama.get_inputs() if i.name.startswith("past")}
+    feeds.update(input_ids=ids, position_ids=np.arange(4)[None], attention_mask=np.ones((1, 9), np.int64))
+    with pytest.raises(FeedError, match="attention_mask"):
+        llama.run(None, feeds)
+
+
+def test_negative_seed_is_a_generation_error():
+    from eecompile.runtime.generate import GenerationError, SamplingConfig
+
+    for seed in (-1, 1.5, True):
+        with pytest.raises(GenerationError, match="seed"):
+            SamplingConfig(0.7, seed=seed)
