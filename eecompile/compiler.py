@@ -48,9 +48,23 @@ class CompileResult:
     verification: VerifyResult
 
 
+def _initializers_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Models of IR version < 4 list every initializer as a graph input too (ONNX Runtime treats them as
+    constants, as IR 4 does); drop those inputs and move to IR 4 so that the weights are constants to fold
+    and the compiled model passes onnx.checker."""
+    if model.ir_version >= 4:
+        return model
+    weights = {t.name for t in model.graph.initializer}
+    keep = [v for v in model.graph.input if v.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.ir_version = 4
+    return model
+
+
 def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
     model_path = Path(model_path).resolve()
-    model = load_model(model_path, store)
+    model = _initializers_not_inputs(load_model(model_path, store))
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
     normalized = normalize(mg)
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)

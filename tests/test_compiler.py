@@ -283,3 +283,38 @@ def test_large_model_path_streams_weights_and_stays_exact(zoo, key_a, tmp_path, 
     served = onnx.load(str(result.server_model), load_external_data=False).graph.initializer
     assert any(not list(t.dims) for t in served), "0-d constants must stay 0-d (ORT rejects [1] in Concat)"
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in served)
+
+
+def _ir3_model(path):
+    """An IR-3 / opset-7 MLP whose initializers are also listed as graph inputs (as IR < 4 requires)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.random((8, 16)), "B1": rng.random(16), "W2": rng.random((16, 4))}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "B1"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])]
+    inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in weights.items()]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_ir3_model_with_initializers_as_inputs_compiles(key_a, tmp_path):
+    model = _ir3_model(tmp_path / "ir3.onnx")
+    before = model.read_bytes()
+    result = compile_model(model, key_a, tmp_path / "out")
+    assert result.verification.checked
+    server = onnx.load(str(result.server_model))
+    onnx.checker.check_model(server)
+    assert [i.name for i in server.graph.input] == ["x"]  # the weights are folded constants, not inputs
+    x = np.random.default_rng(1).random((2, 8), np.float32)
+    (want,) = ort.InferenceSession(str(model)).run(None, {"x": x})
+    (got,) = EncryptedSession(result.out_dir).run(None, {"x": x})
+    assert relative_error(got, want) < TOLERANCE
+    assert model.read_bytes() == before
