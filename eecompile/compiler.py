@@ -160,7 +160,7 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
     total = sum(int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize for c in constants)
     if total > EXTERNAL_DATA_THRESHOLD:
         data_path = server_dir / DATA_FILE
-        with open(data_path, "wb") as fh:
+        with staging.writing(data_path), open(data_path, "wb") as fh:
             for c in constants:
                 array = np.asarray(c.values, order="C")  # keeps 0-d scalars 0-d
                 c.data_location = None
@@ -176,7 +176,8 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
                 c.values = c._values.load()
             c.data_location = None
     model = mg.export()
-    onnx.save_model(model, str(path))
+    with staging.writing(path):
+        onnx.save_model(model, str(path))
     return path, model
 
 
@@ -252,8 +253,10 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         report["warnings"].extend(exposure_warnings(report["exposure"]))
         report["key_fingerprint"] = key.fingerprint()
         report["source_model"] = str(Path(model_path).resolve())
-        (new / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (new / "report.md").write_text(render_markdown(report))
+        with staging.writing(new / "report.json"):
+            (new / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        with staging.writing(new / "report.md"):
+            (new / "report.md").write_text(render_markdown(report))
         staging.fault_point("staged")
         staging.commit(work.path, out, ARTIFACTS)
     return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)

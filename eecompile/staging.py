@@ -241,3 +241,26 @@ def commit(staging: Path, out: Path, names: Iterable[str]) -> None:
         fault_point("commit-0")
         _roll_forward(staging, out, names, hook=True)
         fault_point("committed")
+
+
+def write_error_message(exc: OSError, path: str | Path) -> str:
+    """One line naming the cause and the file of a failed write (numpy's short writes carry no errno)."""
+    import errno
+
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) or (code is None and "requested and" in str(exc)):
+        return f"no space left on device while writing {path}"
+    if code == errno.EFBIG:
+        return f"file size limit exceeded while writing {path} (see 'ulimit -f')"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+@contextmanager
+def writing(path: str | Path):
+    """Turn an OSError raised while writing ``path`` into an :class:`OutputDirError` naming the file."""
+    from eecompile.errors import OutputDirError
+
+    try:
+        yield
+    except OSError as exc:
+        raise OutputDirError(write_error_message(exc, path)) from None

@@ -444,3 +444,38 @@ def test_compile_prints_the_exposure_summary(capsys, tmp_path, mlp_model, keyfil
     assert e["checked"] and e["intermediates_exposed"] == 0
     assert f"  exposure: 0 of {e['intermediates_compared']} intermediate tensors equal the plaintext run" in stdout
     assert "WARNING" not in stdout and "exposed:" not in stdout
+
+
+def test_file_size_limit_names_the_cause_and_the_file(tmp_path, mlp_model, keyfile):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "eecompile", "compile", str(mlp_model), "--key", str(keyfile),
+                           "--out", str(out), "--no-verify"], capture_output=True, text=True, preexec_fn=limit,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("eecompile: error: file size limit exceeded while writing ") and str(out) in line, line
+    assert not out.exists()  # cleanup stays correct
+
+
+def test_full_disk_names_the_cause_and_the_file(capsys, tmp_path, mlp_model, keyfile, monkeypatch):
+    import errno
+
+    import eecompile.compiler
+
+    def full(*args, **kwargs):
+        raise OSError("49152 requested and 32768 written")  # what numpy's tofile says on a full disk
+
+    monkeypatch.setattr(eecompile.compiler.onnx, "save_model", full)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "compile", mlp_model, "--key", keyfile, "--out", out, "--no-verify")
+    _assert_user_error(code, err, "no space left on device while writing", "model.onnx")
+    assert not out.exists()
+    from eecompile.staging import write_error_message
+
+    assert write_error_message(OSError(errno.ENOSPC, "No space left on device"), "f.bin") == \
+        "no space left on device while writing f.bin"

@@ -122,12 +122,15 @@ class TensorStore:
         array = np.asarray(array, order="C")  # (ascontiguousarray would turn scalars into [1])
         if self.scratch is None or array.nbytes < INLINE_BYTES:
             return array
-        if self._handle is None:
-            self.scratch.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = open(self.scratch, "ab")
-        offset = self._handle.seek(0, os.SEEK_END)
-        array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self._handle)
-        self._handle.flush()
+        from eecompile.staging import writing
+
+        with writing(self.scratch):
+            if self._handle is None:
+                self.scratch.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = open(self.scratch, "ab")
+            offset = self._handle.seek(0, os.SEEK_END)
+            array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self._handle)
+            self._handle.flush()
         self.bytes_written += array.nbytes
         return FileValues(self.scratch, offset, array.shape, array.dtype, name)
 

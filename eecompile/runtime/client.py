@@ -128,17 +128,24 @@ class Client:
                 elif t.kind == "index":
                     entry["index"] = _store_basis(t.index, f"{prefix}.index", arrays)
                 entries[side].append(entry)
-        with open(directory / "transforms.npz", "wb") as fh:
+        from eecompile.staging import writing
+
+        with writing(directory / "transforms.npz"), open(directory / "transforms.npz", "wb") as fh:
             np.savez(fh, **arrays)
-        onnx.save(build_client_model(self.spec.inputs, "encrypt", input_types or {}), str(directory / "encrypt.onnx"))
-        onnx.save(build_client_model(self.spec.outputs, "decrypt", output_types or {}), str(directory / "decrypt.onnx"))
+        with writing(directory / "encrypt.onnx"):
+            onnx.save(build_client_model(self.spec.inputs, "encrypt", input_types or {}),
+                      str(directory / "encrypt.onnx"))
+        with writing(directory / "decrypt.onnx"):
+            onnx.save(build_client_model(self.spec.outputs, "decrypt", output_types or {}),
+                      str(directory / "decrypt.onnx"))
         # the bundle is bound to this compilation: the server's model id, and digests of every file and of
         # the manifest itself, so an edited manifest (say, every input "clear") or transforms are refused
         manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "model_id": self.model_id,
                     **(extra or {}), **entries,
                     "files": {name: _file_digest(directory / name) for name in DIGESTED_FILES}}
         manifest["manifest_digest"] = manifest_digest(manifest)
-        (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        with writing(directory / "manifest.json"):
+            (directory / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
