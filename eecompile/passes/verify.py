@@ -464,20 +464,16 @@ def _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, i
         return "the cache inputs do not pair with present outputs by name"
     inputs = {name: dims for name, _, dims in _inputs(ref)}
     roles = symbol_roles(_inputs(ref))
-    new = dict(symbols)
-    for symbol, role in roles.items():
-        if role == "seq":
-            new[symbol] = 1
+    cache: dict[str, int] = {}  # the cache inputs' symbols, read off the present outputs
     for past, present in pairs:
         for d, n in zip(inputs[past], expected[present].shape):
             if not (isinstance(d, int) and d >= 0):
-                new[str(d)] = int(n)
-    past_len = max([new[s] for s, r in roles.items() if r == "past" and s in new], default=0)
-    for symbol, role in roles.items():
-        if role == "total":
-            new[symbol] = past_len + 1
-    values = {"batch": max([new[s] for s, r in roles.items() if r == "batch"], default=1), "seq": 1, "past": past_len}
-    new = {**(assign(roles, values, new) or {}), **new}
+                cache[str(d)] = int(n)
+    past_len = max([v for s, v in cache.items() if roles.get(s) == "past"], default=0)
+    batch = max([v for s, v in symbols.items() if roles.get(s) == "batch"], default=1)
+    new = assign(roles, {"batch": batch, "seq": 1, "past": past_len}, cache)
+    if new is None:
+        return "no decode-step shapes fit the cache"
     step = feeds_for(ref, new, 99, index_sizes)
     plain = {**step, **{past: expected[present] for past, present in pairs}}
     try:

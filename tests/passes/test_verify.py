@@ -309,3 +309,28 @@ def test_a_wrong_cache_is_caught_by_the_decode_step(tmp_path):
                                  [BoundaryTransform("y", "clear"), BoundaryTransform("present_key", "state")]))
     with pytest.raises(VerificationError, match="'y' differs from the original in the decode step"):
         verify_equivalence(path, _save(bad, tmp_path / "bad.onnx"), client)
+
+
+def test_decode_step_with_optimum_dim_names(tmp_path):
+    """The mask is past + sequence long in the prefill and in the decode step (``past_sequence_length + 1``)."""
+    import eecompile
+
+    rng = np.random.default_rng(7)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    total = "past_sequence_length + sequence_length"
+    model = _model([helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+                    helper.make_node("Concat", ["past_key", "k"], ["present_key"], name="cache", axis=1),
+                    helper.make_node("Cast", ["attention_mask"], ["maskf"], to=FLOAT),
+                    helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+                    helper.make_node("Mul", ["present_key", "mask3"], ["masked"]),
+                    helper.make_node("MatMul", ["masked", "Wo"], ["y"], name="out")],
+                   inputs=[helper.make_tensor_value_info("x", FLOAT, ["batch_size", "sequence_length", 6]),
+                           helper.make_tensor_value_info("attention_mask", INT64, ["batch_size", total]),
+                           helper.make_tensor_value_info("past_key", FLOAT, ["batch_size", "past_sequence_length", 6])],
+                   outputs=[helper.make_tensor_value_info("y", FLOAT, ["batch_size", total, 3]),
+                            helper.make_tensor_value_info("present_key", FLOAT, ["batch_size", total, 6])],
+                   inits={"Wk": f(6, 6), "Wo": f(6, 3), "last": np.array([-1])}, opsets=(("", 17),))
+    path = _save(model, tmp_path / "kv.onnx")
+    v = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out").verification
+    assert v.checked and v.decode_checked, v.detail
+    assert v.feeds[0]["attention_mask"].shape == (2, 5) and v.feeds[0]["past_key"].shape == (2, 2, 6)
