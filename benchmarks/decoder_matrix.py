@@ -441,7 +441,12 @@ def cell_summary(row: dict[str, Any]) -> dict[str, str]:
     if exp.get("note"):
         notes.append(exp["note"])
     if row.get("batch_note"):
-        notes.append(row["batch_note"])
+        note = row["batch_note"]
+        if "Status Message:" in note:  # keep onnxruntime's reason, drop the boilerplate
+            node = note.split("running ", 1)[-1].split(" node", 1)[0] if "running " in note else "a node"
+            note = (f"original fails at batch {BATCH} in {node}: "
+                    f"{note.split('Status Message:', 1)[1].split(');', 1)[0].strip()}; measured at batch 1")
+        notes.append(note)
     cols["compile"] = "0"
     ver = {}
     if "error" in rep:
@@ -508,6 +513,14 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results:
         "**clear-only** matches computed only from the inputs the client leaves in clear (mask, positions, "
         "shapes); **KV** `present.*` outputs equal to plaintext; **residual** basis (size) of the space "
         "holding the embedding Gather's output.",
+        "",
+        "Export handling: `optimum` runs `main_export(task=\"text-generation-with-past\")` in a separate "
+        "environment (transformers 4.57; optimum needs < 4.58), rebuilding the model there from the same tiny "
+        "config and loading the same `model.safetensors` (GPT-NeoX's `embed_out` ↔ `lm_head` key renamed), "
+        "eager attention, opset 18; `dynamo20`/`dynamo23`/`legacy17` export `input_ids, attention_mask → logits` "
+        "without cache (sdpa attention; eager is the recorded fallback, needed nowhere in this run). "
+        "The dynamo opset-23 exports use `RotaryEmbedding-23` with a batch-1 cos/sin cache, which onnxruntime "
+        "rejects at batch > 1 for the rotary architectures, so those cells are measured at batch 1 (`b1`).",
         "",
         "| arch | exporter | compile | verification | exact (measured) | names matched | exposed | attn | norm "
         "| clear-only | KV | residual | notes |",
