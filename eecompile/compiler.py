@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,19 @@ class CompileResult:
     verification: VerifyResult
 
 
+@contextmanager
+def _ort_warnings_quiet():
+    """ONNX Runtime's default logger at error level while the block runs (graph-optimizer notes such
+    as "UnsqueezeElimination cannot remove node" are not the user's concern), warning level after."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)
+
+
 def _initializers_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """Models of IR version < 4 list every initializer as a graph input too (ONNX Runtime treats them as
     constants, as IR 4 does); drop those inputs and move to IR 4 so that the weights are constants to fold
@@ -66,7 +80,8 @@ def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, A
     model_path = Path(model_path).resolve()
     model = _initializers_not_inputs(load_model(model_path, store))
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
-    normalized = normalize(mg)
+    with _ort_warnings_quiet():  # constant folding runs ONNX Runtime sessions of its own
+        normalized = normalize(mg)
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
     return mg, analyze(mg), normalized
 

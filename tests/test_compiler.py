@@ -318,3 +318,23 @@ def test_ir3_model_with_initializers_as_inputs_compiles(key_a, tmp_path):
     (got,) = EncryptedSession(result.out_dir).run(None, {"x": x})
     assert relative_error(got, want) < TOLERANCE
     assert model.read_bytes() == before
+
+
+def test_compile_prints_no_onnx_runtime_warnings(zoo, tmp_path):
+    """Constant folding and verification run ONNX Runtime sessions; their optimizer notes
+    ("UnsqueezeElimination cannot remove node ...") are not the user's concern (issue 9, item 12)."""
+    import subprocess
+    import sys
+
+    from eecompile.cli import main
+
+    key = tmp_path / "k.key"
+    assert main(["keygen", str(key)]) == 0
+    model = zoo.export("llama", "legacy", 17)
+    proc = subprocess.run([sys.executable, "-m", "eecompile", "compile", str(model), "--key", str(key), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    proc = subprocess.run([sys.executable, "-m", "eecompile", "lint", str(model)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

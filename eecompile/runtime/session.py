@@ -37,6 +37,9 @@ class EncryptedSession:
         self.client = Client.load(out / "client")
         if self.client.model_id != model_id(out / "server"):
             raise BundleError(f"client bundle in {out / 'client'} belongs to another compilation than {server}")
+        if sess_options is None:  # ONNX Runtime's optimizer notes are not the user's concern; errors still raise
+            sess_options = ort.SessionOptions()
+            sess_options.log_severity_level = 3
         self.session = ort.InferenceSession(str(server), sess_options, providers=providers or default_providers())
 
     def get_inputs(self):
