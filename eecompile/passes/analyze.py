@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from eecompile.passes.annotations import IndexValues, Protected, Squares
 from eecompile.passes.context import AnalysisContext
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.shape_completion import complete_shapes
 from eecompile.passes.rules import SHAPE_ONLY_OPS, PatternInstance, patterns, rule_for
 from eecompile.passes.spaces import BasisClass, Limit
 
@@ -49,6 +50,7 @@ class Analysis:
 def analyze(mg: ModelGraph) -> Analysis:
     """Annotate every tensor and build the constrained spaces of ``mg``."""
     ctx = AnalysisContext(mg)
+    complete_shapes(ctx)
     graph_inputs = {t.name for t in mg.graph.inputs}
     bound: set[str] = set()
     claimed: dict[int, PatternInstance] = {}

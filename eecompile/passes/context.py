@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, IndexValues, Protected, Squares
 from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.graph import ModelGraph
@@ -89,6 +90,66 @@ class AnalysisContext:
     def rank(self, tensor: gs.Tensor) -> int | None:
         """Rank of a tensor, None when unknown."""
         return self.mg.rank(tensor)
+
+    def dim_values(self, tensor: gs.Tensor, depth: int = 0) -> list | None:
+        """Element values of a 1-D shape tensor as symbolic dims (sympy; None where unknown).
+
+        Follows the run-time shape arithmetic exporters emit — Shape (with start/end),
+        Gather, Slice, Concat, Unsqueeze/Squeeze/Reshape/Cast, and Add/Sub/Mul/Div — so a
+        Reshape target ``Concat(Shape(x)[0:1], Shape(m)[1:2], [-1], [16])`` reads
+        ``[batch, sequence, -1, 16]`` when shape inference has left ``unk__N``.
+        """
+        value = self.const(tensor)
+        if value is not None:
+            if value.dtype.kind not in "iu" or value.ndim > 1:
+                return None
+            return [dims.expr(int(v)) for v in np.atleast_1d(value)]
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None or depth > 32:
+            return None
+        op, ins = producer.op, producer.inputs
+        if op == "Shape":
+            shape = self.shape(ins[0])
+            if shape is None:
+                return None
+            start, end = producer.attrs.get("start", 0), producer.attrs.get("end", len(shape))
+            return [dims.expr(d) for d in shape[slice(start, end)]]
+        if op in ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze"):
+            return self.dim_values(ins[0], depth + 1)
+        if op == "Concat":
+            out: list = []
+            for part in ins:
+                values = self.dim_values(part, depth + 1)
+                if values is None:
+                    shape = self.shape(part)
+                    if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                        return None
+                    values = [None] * shape[0]
+                out.extend(values)
+            return out
+        if op in ("Gather", "Slice"):
+            data = self.dim_values(ins[0], depth + 1)
+            if data is None:
+                return None
+            if op == "Gather":
+                index = self.const(ins[1])
+                if index is None:
+                    return None
+                return [data[int(i)] for i in np.atleast_1d(index)]
+            starts, ends = self.const(ins[1]), self.const(ins[2])
+            steps = self.const(ins[4]) if len(ins) > 4 and ins[4].name else None
+            if starts is None or ends is None:
+                return None
+            step = 1 if steps is None else int(np.atleast_1d(steps)[0])
+            return data[slice(int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0]), step)]
+        if op in ("Add", "Sub", "Mul", "Div"):
+            parts = [self.dim_values(t, depth + 1) for t in ins[:2]]
+            if any(p is None for p in parts):
+                return None
+            width = max(len(p) for p in parts)
+            parts = [p * width if len(p) == 1 else p for p in parts]
+            return [_arith(op, x, y) for x, y in zip(*parts)]
+        return None
 
     @staticmethod
     def limit(node: gs.Node, reason: str) -> Limit:
@@ -223,6 +284,19 @@ class FoldContext:
         tensor = node.inputs[index]
         dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.asarray(tensor.values).dtype
         self.mg.set_values(tensor, np.asarray(value).astype(dtype))
+
+
+def _arith(op: str, x, y):
+    """One element of shape arithmetic on symbolic dims (None when unknown or not exact)."""
+    if x is None or y is None:
+        return None
+    if op == "Add":
+        return x + y
+    if op == "Sub":
+        return x - y
+    if op == "Mul":
+        return x * y
+    return dims.quotient(x, y)
 
 
 def apply_on_axis(ctx: FoldContext, array: np.ndarray, prot: Protected, rank: int,

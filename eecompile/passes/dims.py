@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import sympy
 
-Dim = int | str | None
+Dim = int | str | sympy.Expr | None
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}
@@ -50,6 +50,8 @@ def _parse(text: str) -> sympy.Expr | None:
 
 def expr(dim: Dim) -> sympy.Expr | None:
     """A dimension as a sympy expression; None when unknown."""
+    if isinstance(dim, sympy.Basic):
+        return dim
     if isinstance(dim, numbers.Integral):
         return sympy.Integer(int(dim))
     if isinstance(dim, str):
@@ -88,3 +90,12 @@ def as_int(dim: sympy.Expr | Dim | None) -> int | None:
     if e is not None and e.is_Integer:
         return int(e)
     return None
+
+
+def quotient(numerator: sympy.Expr | None, denominator: sympy.Expr | None) -> sympy.Expr | None:
+    """``numerator / denominator`` when it is a polynomial in the dims (a Reshape's ``-1``)."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    q = sympy.cancel(numerator / denominator)
+    _, den = sympy.fraction(q)
+    return q if den == 1 else None

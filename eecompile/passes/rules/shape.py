@@ -12,6 +12,7 @@ from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
+from eecompile.passes.shape_completion import reshape_target
 
 Dims = list[int | str | None]
 
@@ -187,21 +188,11 @@ def reshape_annotation(ctx: AnalysisContext, x: Protected, din: Dims, dout: Dims
 
 
 def _target_shape(node: gs.Node, ctx: AnalysisContext, din: Dims) -> Dims | None:
+    """The Reshape's output dims: inferred or completed where known, else read from its shape input."""
     dout = ctx.shape(node.outputs[0])
-    if dout is not None and all(d is not None for d in dout):
+    if dout is not None and all(dims.expr(d) is not None for d in dout):
         return dout
-    target = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
-    if target is None:
-        return dout
-    dims: Dims = []
-    for i, t in enumerate(target.tolist()):
-        if t == 0 and not node.attrs.get("allowzero", 0):
-            dims.append(din[i] if i < len(din) else None)
-        elif t == -1:
-            dims.append(dout[i] if dout is not None else None)
-        else:
-            dims.append(int(t))
-    return dims
+    return reshape_target(ctx, node, din) or dout
 
 
 class ReshapeRule(OpRule):
@@ -231,20 +222,46 @@ class ReshapeRule(OpRule):
         ctx.set(y, result)
 
 
+def _int_values(ctx: AnalysisContext, tensor: gs.Tensor) -> list[int | None] | None:
+    """A 1-D integer input's values where they are known constants (also when computed from shapes)."""
+    values = ctx.dim_values(tensor)
+    return None if values is None else [dims.as_int(v) for v in values]
+
+
 def _slice_params(node: gs.Node, ctx: AnalysisContext):
-    starts, ends = ctx.const(node.inputs[1]), ctx.const(node.inputs[2])
+    starts, ends = _int_values(ctx, node.inputs[1]), _int_values(ctx, node.inputs[2])
     axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
     steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
     return starts, ends, axes, steps
 
 
+def _take_blocks(ctx: AnalysisContext, refs: tuple, lo: int, hi: int) -> tuple:
+    """The blocks of a flat axis covering ``[lo, hi)``, split there first."""
+    blocks = ctx.spaces.refine(refs, [lo, hi])
+    offset, kept = 0, []
+    for ref in blocks:
+        if lo <= offset < hi:
+            kept.append(ref)
+        offset += ctx.spaces.size(ref)
+    return tuple(kept)
+
+
+def _within_heads(ctx: AnalysisContext, x: Protected, lo: int, hi: int) -> Protected | None:
+    """``x[..., lo:hi]`` of a headed annotation: each head keeps its own sub-block (fused QKV per head)."""
+    parts = [_take_blocks(ctx, (ref,), lo, hi) for ref in x.refs]
+    if any(len(p) != 1 for p in parts):
+        return None
+    return Protected(x.axis, tuple(p[0] for p in parts), x.head_axis, x.head_tiled)
+
+
 class SliceRule(OpRule):
-    """Slice: along another axis the annotation follows; along the axis it keeps whole blocks."""
+    """Slice: along another axis the annotation follows; along the axis it keeps whole blocks
+    (within each head for a headed tensor); bounds computed from shapes are evaluated."""
 
     op_types = ("Slice",)
     keeps_index_values = True
 
-    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:  # noqa: C901
         x = ctx.get(node.inputs[0])
         y = node.outputs[0]
         if x is None:
@@ -264,12 +281,10 @@ class SliceRule(OpRule):
         if x.axis not in axes and x.head_axis not in axes:
             ctx.set(y, x)
             return
-        if starts is None or ends is None or (steps is not None and np.any(steps != 1)):
-            ctx.clear_all(node, "slice of the protected axis with computed bounds", node.inputs[:1])
-            return
         i = axes.index(x.axis) if x.axis in axes else axes.index(x.head_axis)
-        if x.head_axis is not None and x.axis in axes:
-            ctx.clear_all(node, "slice inside attention heads", node.inputs[:1])
+        if (starts is None or ends is None or starts[i] is None or ends[i] is None
+                or (steps is not None and np.any(steps != 1))):
+            ctx.clear_all(node, "slice of the protected axis with computed bounds", node.inputs[:1])
             return
         total = len(x.refs) if x.axis not in axes else ctx.axis_size(x)
         lo, hi = int(starts[i]), int(ends[i])
@@ -281,13 +296,21 @@ class SliceRule(OpRule):
                 return
             ctx.set(y, Protected(x.axis, x.refs[lo:hi], x.head_axis))
             return
-        blocks = ctx.spaces.refine(x.refs, [lo, hi])
-        offset, kept = 0, []
-        for ref in blocks:
-            if lo <= offset < hi:
-                kept.append(ref)
-            offset += ctx.spaces.size(ref)
-        ctx.set(y, Protected(x.axis, tuple(kept)) if kept else None)
+        if hi <= lo:
+            ctx.set(y, None)  # an empty slice carries no values
+            return
+        if lo == 0 and hi == total:
+            ctx.set(y, x)
+            return
+        if x.head_axis is not None:
+            part = _within_heads(ctx, x, lo, hi)
+            if part is None:
+                ctx.clear_all(node, "slice inside attention heads across their blocks", node.inputs[:1])
+                return
+            ctx.set(y, part)
+            return
+        kept = _take_blocks(ctx, x.refs, lo, hi)
+        ctx.set(y, Protected(x.axis, kept) if kept else None)
 
 
 class SplitRule(OpRule):
@@ -329,7 +352,13 @@ class SplitRule(OpRule):
                 ctx.set(out, Protected(x.axis, x.refs[lo:hi], x.head_axis))
             return
         if x.head_axis is not None:
-            ctx.clear_all(node, "split inside attention heads", node.inputs[:1])
+            starts = [0, *cuts[:-1]]
+            parts = [_within_heads(ctx, x, int(lo), int(hi)) for lo, hi in zip(starts, cuts)]
+            if any(p is None for p in parts):
+                ctx.clear_all(node, "split inside attention heads across their blocks", node.inputs[:1])
+                return
+            for out, part in zip(node.outputs, parts):
+                ctx.set(out, part)
             return
         blocks = ctx.spaces.refine(x.refs, cuts)
         offset, part, groups = 0, 0, [[] for _ in sizes]
@@ -369,9 +398,15 @@ class ConcatRule(OpRule):
         rank = ctx.rank(y)
         axis = int(node.attrs.get("axis", 0)) % rank
         first = prot[0]
+        empty = [t for t in node.inputs if (ctx.shape(t) or [None] * rank)[axis] == 0]
+        if axis == first.axis and first.head_axis is not None:
+            self._within_heads(node, ctx, [(t, a) for t, a in zip(node.inputs, anns) if t not in empty], first)
+            return
         if axis == first.axis and first.head_axis is None:
             refs = []
             for t, ann in zip(node.inputs, anns):
+                if t in empty:
+                    continue
                 if isinstance(ann, Protected) and ann.axis == axis and ann.head_axis is None:
                     refs.extend(ctx.blocks(ann))
                 else:
@@ -394,6 +429,28 @@ class ConcatRule(OpRule):
                 ctx.set(y, None)
                 return
         ctx.set(y, first)
+
+    @staticmethod
+    def _within_heads(node: gs.Node, ctx: AnalysisContext, parts: list, first: Protected) -> None:
+        """Concat along the feature axis of headed tensors: each head's block is the direct sum of its parts."""
+        y = node.outputs[0]
+        layout = (first.axis, first.head_axis, first.head_tiled, len(first.refs))
+        if any(not isinstance(a, Protected) or (a.axis, a.head_axis, a.head_tiled, len(a.refs)) != layout
+               for _, a in parts):
+            ctx.clear_all(node, "concat inside attention heads of differently laid out parts")
+            return
+        if len(parts) == 1:
+            ctx.set(y, parts[0][1])
+            return
+        limit = ctx.limit(node, "concatenated inside each head")
+        refs = []
+        for h in range(len(first.refs)):
+            pieces = [a.refs[h] for _, a in parts]
+            whole = ctx.spaces.new(f"{node.name}:{y.name}/head{h}", sum(ctx.spaces.size(r) for r in pieces), node.name)
+            for child, piece in zip(ctx.spaces.split(whole, tuple(ctx.spaces.size(r) for r in pieces)), pieces):
+                ctx.spaces.union(child, piece, limit)
+            refs.append(whole)
+        ctx.set(y, Protected(first.axis, tuple(refs), first.head_axis, first.head_tiled))
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
         y = ctx.get(node.outputs[0])

@@ -1,0 +1,171 @@
+"""Complete the shapes that shape inference left unknown, by reasoning about what they are.
+
+ONNX shape inference gives up at a Reshape whose target is computed at run time (``Shape →
+Gather → Concat``) and writes ``unk__N`` from there on; ONNX Runtime's symbolic inference,
+which does better, refuses graphs with ops it does not know (opset-23 ``Attention``). This
+pass walks the graph once in topological order and, for every tensor whose inferred shape
+has unknown dims, derives the dims from its producer: the Reshape target evaluated
+symbolically (``-1`` from the element count), permutations, inserted and removed axes,
+broadcasting, MatMul, Concat. Known inferred dims are kept; only unknown ones are filled.
+The result lives in :attr:`AnalysisContext.shape_overrides`, which every rule reads through
+:meth:`AnalysisContext.shape`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes import dims
+from eecompile.passes.context import AnalysisContext
+
+SAME_SHAPE_OPS = frozenset({
+    "Cast", "CastLike", "Identity", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
+    "Relu", "LeakyRelu", "Gelu", "Silu", "HardSigmoid", "HardSwish", "Softplus", "Softmax", "LogSoftmax",
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding", "Dropout",
+    "Sin", "Cos", "IsNaN", "IsInf", "Not", "Clip", "Elu", "Mish", "Round", "Floor", "Ceil", "Sign",
+})
+BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "Greater", "And", "Or",
+                           "Max", "Min", "LessOrEqual", "GreaterOrEqual", "PRelu", "Mod"})
+
+
+def _known(shape: list | None) -> bool:
+    return shape is not None and all(dims.expr(d) is not None for d in shape)
+
+
+def _merge(inferred: list | None, derived: list | None) -> list | None:
+    """Inferred dims where known, derived ones where not (ranks must agree)."""
+    if derived is None:
+        return inferred
+    if inferred is None or len(inferred) != len(derived):
+        return derived if inferred is None else inferred
+    return [d if dims.expr(d) is not None else e for d, e in zip(inferred, derived)]
+
+
+def _broadcast(shapes: list[list]) -> list | None:
+    rank = max(len(s) for s in shapes)
+    padded = [[1] * (rank - len(s)) + list(s) for s in shapes]
+    out = []
+    for column in zip(*padded):
+        chosen = None
+        for d in column:
+            if dims.as_int(d) == 1:
+                chosen = chosen if chosen is not None else d
+                continue
+            if dims.expr(d) is not None:
+                chosen = d
+                break
+            chosen = None if chosen is None or dims.as_int(chosen) == 1 else chosen
+        out.append(chosen)
+    return out
+
+
+def reshape_target(ctx: AnalysisContext, node: gs.Node, din: list | None) -> list | None:
+    """A Reshape's output dims from its shape input: ``0`` copies the input dim, ``-1`` keeps the element count."""
+    target = ctx.dim_values(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        return None
+    out: list = []
+    infer = None
+    for i, t in enumerate(target):
+        if t is not None and t == 0 and not node.attrs.get("allowzero", 0):
+            out.append(din[i] if din is not None and i < len(din) else None)
+        elif t is not None and t == -1:
+            infer = i
+            out.append(None)
+        else:
+            out.append(t)
+    if infer is not None:
+        total = dims.product(din) if din is not None else None
+        out[infer] = dims.quotient(total, dims.product(out[:infer] + out[infer + 1:]))
+    return out
+
+
+def _axes(node: gs.Node, ctx: AnalysisContext) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = ctx.const(node.inputs[1])
+        return None if value is None else [int(a) for a in np.atleast_1d(value)]
+    return None
+
+
+def derive(ctx: AnalysisContext, node: gs.Node) -> list | None:  # noqa: C901 - one branch per op family
+    """Output 0's dims from the node's inputs, or None when this op is not reasoned about."""
+    op, ins = node.op, node.inputs
+    first = ctx.shape(ins[0]) if ins and ins[0].name else None
+    if op in SAME_SHAPE_OPS:
+        return first
+    if op in BROADCAST_OPS:
+        shapes = [ctx.shape(t) for t in ins if t.name]
+        return None if any(s is None for s in shapes) else _broadcast(shapes)
+    if first is None:
+        return None
+    if op == "Reshape":
+        return reshape_target(ctx, node, first)
+    if op == "Transpose":
+        perm = node.attrs.get("perm", list(range(len(first) - 1, -1, -1)))
+        return [first[p] for p in perm]
+    if op == "Unsqueeze":
+        axes = _axes(node, ctx)
+        if axes is None:
+            return None
+        rank = len(first) + len(axes)
+        inserted = sorted(a % rank for a in axes)
+        rest = iter(first)
+        return [1 if i in inserted else next(rest) for i in range(rank)]
+    if op == "Squeeze":
+        axes = _axes(node, ctx)
+        if axes is None:
+            return None
+        removed = {a % len(first) for a in axes}
+        return [d for i, d in enumerate(first) if i not in removed]
+    if op == "Expand":
+        target = ctx.dim_values(ins[1])
+        return None if target is None else _broadcast([first, target])
+    if op == "MatMul" and len(ins) > 1:
+        second = ctx.shape(ins[1])
+        if second is None or len(first) < 2 or len(second) < 2:
+            return None
+        batch = _broadcast([first[:-2], second[:-2]]) if len(first) > 2 or len(second) > 2 else []
+        return [*batch, first[-2], second[-1]]
+    if op == "Attention" and len(ins) > 2:  # opset 23: Y keeps Q's layout with V's head size
+        v = ctx.shape(ins[2])
+        if v is None or len(first) != len(v):
+            return None
+        if len(first) == 4:
+            return [*first[:3], v[3]]
+        heads_q, heads_kv = node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")
+        width = dims.quotient(dims.expr(v[2]), dims.expr(heads_kv)) if heads_kv else None
+        return [*first[:2], None if width is None else width * heads_q]
+    if op == "Concat":
+        shapes = [ctx.shape(t) for t in ins]
+        if any(s is None or len(s) != len(first) for s in shapes):
+            return None
+        axis = int(node.attrs.get("axis", 0)) % len(first)
+        parts = [dims.expr(s[axis]) for s in shapes]
+        out = list(first)
+        out[axis] = None if any(p is None for p in parts) else sum(parts[1:], parts[0])
+        return out
+    return None
+
+
+def complete_shapes(ctx: AnalysisContext) -> int:
+    """Fill unknown dims of every tensor from its producer; returns how many tensors were completed."""
+    completed = 0
+    for node in ctx.mg.nodes:
+        if not node.outputs:
+            continue
+        out = node.outputs[0]
+        inferred = ctx.mg.shape(out)
+        if _known(inferred):
+            continue
+        try:
+            derived = derive(ctx, node)
+        except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError):
+            derived = None
+        merged = _merge(inferred, derived)
+        if merged is not None and merged != inferred:
+            ctx.shape_overrides[out.name] = merged
+            completed += 1
+    return completed
