@@ -24,11 +24,13 @@ from eecompile.passes.normalize import NormalizeResult
 from eecompile.passes.plan import describe
 from eecompile.passes.spaces import BasisClass, Ref
 
-BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "complex-pairs", "monomial",
-               "signed-permutation", "permutation", "clear"]
+BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "complex-pairs", "pair-rotations",
+               "pair-scaled-quarter-turns", "monomial", "pair-scales", "pair-positive-scales", "signed-permutation",
+               "pair-quarter-turns", "pair-signs", "permutation", "clear"]
 
 
-WEAK_BASES = ("clear", "permutation", "signed-permutation", "monomial")
+WEAK_BASES = ("clear", "permutation", "signed-permutation", "monomial", "pair-scaled-quarter-turns", "pair-scales",
+              "pair-positive-scales", "pair-quarter-turns", "pair-signs")
 """Bases the report calls weak: each gets a ``lift`` entry saying what would make it stronger."""
 
 RE_EXPORT, POLICY, INHERENT, FOLLOWS, UNKNOWN = ("re-export", "policy", "inherent to the op",
@@ -38,6 +40,12 @@ _STATIC_SHAPES = ("re-export with constant reshape targets and static head sizes
                   "shape arithmetic (onnxsim) before compiling")
 LIFT_TABLE: tuple[tuple[str, str, str, str], ...] = (
     # (op type regex, reason regex, kind, what would lift it); the first match wins
+    ("", r"rotary embedding", INHERENT,
+     "RoPE commutes only with a complex scalar per frequency pair; a norm with a gain before it (q/k norm) "
+     "narrows that to a quarter turn (1, i, -1, -i) or a sign per pair"),
+    ("", r"per-head norm's gain", INHERENT,
+     "one gain vector shared by all heads before RoPE: only a sign per frequency pair commutes with norm, "
+     "gain and rotation (the decomposed norm allows quarter turns)"),
     ("", r"no rule for op", RE_EXPORT, "re-export with the op decomposed into standard ONNX ops (or add an op "
                                        "rule to eecompile.passes.rules)"),
     ("", r"cannot follow the protected axis|reshape of a tensor with unknown shape|with computed (bounds|axes)"

@@ -15,7 +15,7 @@ from eecompile.keys import MasterKey, derive_rng
 from eecompile.passes import bases
 from eecompile.passes.analyze import Analysis
 from eecompile.passes.basis import Basis
-from eecompile.passes.spaces import BasisClass, Ref
+from eecompile.passes.spaces import BasisClass, Ref, is_pair_class, pair_layout
 
 MAX_CONDITION = 4.0
 SCALE_RANGE = (0.5, 2.0)
@@ -44,6 +44,8 @@ def sample_basis(key: MasterKey, name: str, perm_name: str, cls: BasisClass, siz
         if size % 2:
             return Basis.identity(size)
         return Basis(size, dense=bases.complex_pairs(rng, size, layout=layout, low=SCALE_RANGE[0], high=SCALE_RANGE[1]))
+    if is_pair_class(cls):
+        return _pair_scalars(rng, cls, size)
     perm = bases.permutation(derive_rng(key, f"perm:{perm_name}"), size)
     if cls == BasisClass.PERMUTATION:
         return Basis.monomial(perm)
@@ -51,6 +53,34 @@ def sample_basis(key: MasterKey, name: str, perm_name: str, cls: BasisClass, siz
         return Basis.monomial(perm, bases.signs(rng, size))
     signed = cls == BasisClass.MONOMIAL
     return Basis.monomial(perm, bases.scales(rng, size, low=SCALE_RANGE[0], high=SCALE_RANGE[1], signed=signed))
+
+
+def _pair_scalars(rng: np.random.Generator, cls: BasisClass, size: int) -> Basis:
+    """One complex scalar per RoPE frequency pair, drawn from the pair class's family.
+
+    Any angle gives a dense 2×2 scaled rotation per pair; quarter turns, signs and positive
+    reals are monomial (a quarter turn by ``i`` maps ``(x_a, x_b)`` to ``(-x_b, x_a)``), so
+    per-coordinate gains still fold as permutations.
+    """
+    layout, unit, angle = pair_layout(cls)
+    if size % 2:
+        return Basis.identity(size)
+    if angle == 0:
+        return Basis(size, dense=bases.complex_pairs(rng, size, layout=layout, low=SCALE_RANGE[0],
+                                                     high=SCALE_RANGE[1], unit=bool(unit)))
+    half = size // 2
+    first = np.arange(half) if layout == "half" else np.arange(0, size, 2)
+    second = first + half if layout == "half" else first + 1
+    modulus = np.ones(half) if unit else bases.scales(rng, half, low=SCALE_RANGE[0], high=SCALE_RANGE[1])
+    turns = {1: rng.integers(0, 4, size=half), 2: 2 * rng.integers(0, 2, size=half),
+             3: np.zeros(half, dtype=np.int64)}[angle]
+    sign = np.where(turns >= 2, -1.0, 1.0) * modulus
+    odd = turns % 2 == 1
+    perm, scale = np.arange(size), np.ones(size)
+    perm[first[odd]], perm[second[odd]] = second[odd], first[odd]
+    scale[first] = np.where(odd, -sign, sign)
+    scale[second] = sign
+    return Basis.monomial(perm, scale)
 
 
 def plan(analysis: Analysis, key: MasterKey) -> Plan:
@@ -72,6 +102,8 @@ def describe(cls: BasisClass, split: bool = False) -> str:
         return "monomial"
     if cls == BasisClass.COMPLEX_INTERLEAVED:
         return "complex-pairs"
+    if cls.value.endswith("-interleaved"):
+        return cls.value.removesuffix("-interleaved")
     return cls.value
 
 

@@ -25,6 +25,20 @@ class BasisClass(enum.Enum):
     ONES_ORTHOGONAL = "ones-orthogonal"
     COMPLEX_HALF = "complex-pairs"  # 2x2 scaled rotations on pairs (i, i + n/2)
     COMPLEX_INTERLEAVED = "complex-pairs-interleaved"  # pairs (2i, 2i + 1)
+    # Sub-families of complex-pairs (a complex scalar per RoPE frequency pair), named by what
+    # the scalar may be: unit modulus and/or an angle that is a quarter turn, 0 or π, or 0.
+    PAIR_ROTATIONS_HALF = "pair-rotations"
+    PAIR_ROTATIONS_INTERLEAVED = "pair-rotations-interleaved"
+    PAIR_SCALED_TURNS_HALF = "pair-scaled-quarter-turns"
+    PAIR_SCALED_TURNS_INTERLEAVED = "pair-scaled-quarter-turns-interleaved"
+    PAIR_UNITS_HALF = "pair-quarter-turns"  # 1, i, -1 or -i: a signed permutation within each pair
+    PAIR_UNITS_INTERLEAVED = "pair-quarter-turns-interleaved"
+    PAIR_SCALES_HALF = "pair-scales"  # a nonzero real scalar
+    PAIR_SCALES_INTERLEAVED = "pair-scales-interleaved"
+    PAIR_SIGNS_HALF = "pair-signs"  # ±1
+    PAIR_SIGNS_INTERLEAVED = "pair-signs-interleaved"
+    PAIR_POSITIVE_HALF = "pair-positive-scales"
+    PAIR_POSITIVE_INTERLEAVED = "pair-positive-scales-interleaved"
     MONOMIAL = "monomial"
     POSITIVE_MONOMIAL = "positive-monomial"
     SIGNED_PERMUTATION = "signed-permutation"
@@ -45,6 +59,47 @@ _PROPS: dict[BasisClass, tuple[bool, int, bool]] = {
 _BY_PROPS = {v: k for k, v in _PROPS.items()}
 _COMPLEX = (BasisClass.COMPLEX_HALF, BasisClass.COMPLEX_INTERLEAVED)
 
+# Classes acting on RoPE frequency pairs as one complex scalar r·e^{iθ} per pair, as a
+# product lattice: modulus (0: any r, 1: r = 1) × angle (0: any θ, 1: a quarter turn, 2: 0 or
+# π, 3: 0). (1, 3) is the identity. Each commutes with a RoPE of the same pairing.
+_PAIR_NAMES = {(0, 0): "COMPLEX", (1, 0): "PAIR_ROTATIONS", (0, 1): "PAIR_SCALED_TURNS", (1, 1): "PAIR_UNITS",
+               (0, 2): "PAIR_SCALES", (1, 2): "PAIR_SIGNS", (0, 3): "PAIR_POSITIVE"}
+_PAIRS: dict[BasisClass, tuple[str, int, int]] = {
+    BasisClass[f"{name}_{layout.upper()}"]: (layout, modulus, angle)
+    for (modulus, angle), name in _PAIR_NAMES.items() for layout in ("half", "interleaved")}
+_BY_PAIRS = {v: k for k, v in _PAIRS.items()}
+# What a non-pair class allows of a complex scalar per pair: a dense basis any scalar, a
+# monomial one a scaled quarter turn, an orthogonal one a rotation, a signed permutation a
+# quarter turn, a positive monomial a positive real; the rest only 1.
+_AS_PAIR = {BasisClass.INVERTIBLE: (0, 0), BasisClass.MONOMIAL: (0, 1), BasisClass.ORTHOGONAL: (1, 0),
+            BasisClass.SIGNED_PERMUTATION: (1, 1), BasisClass.POSITIVE_MONOMIAL: (0, 3)}
+
+
+def is_pair_class(cls: BasisClass) -> bool:
+    """Whether the class acts on RoPE frequency pairs (complex, real or sign scalars)."""
+    return cls in _PAIRS
+
+
+def _meet_pairs(a: BasisClass, b: BasisClass) -> BasisClass:
+    layout = (_PAIRS.get(a) or _PAIRS[b])[0]
+    parts = []
+    for cls in (a, b):
+        if cls in _PAIRS:
+            if _PAIRS[cls][0] != layout:
+                return BasisClass.CLEAR
+            parts.append(_PAIRS[cls][1:])
+        elif cls in _AS_PAIR:
+            parts.append(_AS_PAIR[cls])
+        else:
+            return BasisClass.CLEAR
+    modulus, angle = max(parts[0][0], parts[1][0]), max(parts[0][1], parts[1][1])
+    return _BY_PAIRS.get((layout, modulus, angle), BasisClass.CLEAR)
+
+
+def pair_layout(cls: BasisClass) -> tuple[str, int, int] | None:
+    """(layout, modulus, angle) of a pair class (see ``_PAIRS``), None for other classes."""
+    return _PAIRS.get(cls)
+
 
 def meet(a: BasisClass, b: BasisClass) -> BasisClass:
     """The largest class contained in both ``a`` and ``b`` (conservative for complex pairs)."""
@@ -52,9 +107,8 @@ def meet(a: BasisClass, b: BasisClass) -> BasisClass:
         return a
     if BasisClass.CLEAR in (a, b):
         return BasisClass.CLEAR
-    if a in _COMPLEX or b in _COMPLEX:
-        other = b if a in _COMPLEX else a
-        return (a if a in _COMPLEX else b) if other == BasisClass.INVERTIBLE else BasisClass.CLEAR
+    if a in _PAIRS or b in _PAIRS:
+        return _meet_pairs(a, b)
     dense_a, metric_a, pos_a = _PROPS[a]
     dense_b, metric_b, pos_b = _PROPS[b]
     dense, metric, positive = dense_a and dense_b, max(metric_a, metric_b), pos_a or pos_b
@@ -232,7 +286,7 @@ class SpaceTable:
         """Require ``a`` and ``b`` to be monomial with one shared permutation."""
         for ref in (a, b):
             self.restrict(ref, BasisClass.MONOMIAL, limit)
-        if self.child_sizes(a) or self.child_sizes(b):
+        if self.child_sizes(a) or self.child_sizes(b) or is_pair_class(self.cls(a)) or is_pair_class(self.cls(b)):
             self.clear(a, limit)
             self.clear(b, limit)
             return

@@ -400,3 +400,29 @@ def test_public_names():
     for name in bases.__all__:
         assert callable(getattr(bases, name))
         assert getattr(bases, name).__doc__
+
+
+@pytest.mark.parametrize("name", [c.value for c in __import__("eecompile.passes.spaces", fromlist=["x"]).BasisClass
+                                  if c.value.startswith(("pair-", "complex-pairs"))])
+def test_pair_bases_commute_with_rope(name):
+    """Every pair class's basis commutes with RoPE of its layout; quarter turns and signs are orthogonal."""
+    from eecompile.passes.plan import _pair_scalars
+    from eecompile.passes.spaces import BasisClass
+
+    n, rng = 12, np.random.default_rng(3)
+    theta = rng.uniform(0, 2 * np.pi, n // 2)
+    layout = "interleaved" if name.endswith("interleaved") else "half"
+    a, b = (np.arange(n // 2), np.arange(n // 2) + n // 2) if layout == "half" else (np.arange(0, n, 2), np.arange(1, n, 2))
+
+    def rope(x):
+        out = x.copy()
+        out[..., a] = x[..., a] * np.cos(theta) - x[..., b] * np.sin(theta)
+        out[..., b] = x[..., a] * np.sin(theta) + x[..., b] * np.cos(theta)
+        return out
+
+    T = _pair_scalars(np.random.default_rng(0), BasisClass(name), n).right(np.eye(n))
+    x = rng.standard_normal((4, n))
+    assert np.allclose(rope(x @ T), rope(x) @ T)
+    assert not np.allclose(T, np.eye(n))
+    if name.startswith(("pair-rotations", "pair-quarter-turns", "pair-signs")):
+        assert np.allclose(T @ T.T, np.eye(n))

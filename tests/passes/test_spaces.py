@@ -10,7 +10,7 @@ import pytest
 
 from eecompile.keys import MasterKey
 from eecompile.passes.plan import sample_basis
-from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable, allows_scales, meet
+from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable, allows_scales, meet, pair_layout
 
 C = BasisClass
 ALL = list(BasisClass)
@@ -52,7 +52,7 @@ def test_meet_is_associative():
     (C.COMPLEX_HALF, C.INVERTIBLE, C.COMPLEX_HALF),
     (C.COMPLEX_INTERLEAVED, C.INVERTIBLE, C.COMPLEX_INTERLEAVED),
     (C.COMPLEX_HALF, C.PERMUTATION, C.CLEAR),
-    (C.COMPLEX_HALF, C.ORTHOGONAL, C.CLEAR),
+    (C.COMPLEX_HALF, C.ORTHOGONAL, C.PAIR_ROTATIONS_HALF),
     (C.COMPLEX_HALF, C.COMPLEX_INTERLEAVED, C.CLEAR),
     (C.PERMUTATION, C.CLEAR, C.CLEAR),
     (C.ORTHOGONAL, C.CLEAR, C.CLEAR),
@@ -98,9 +98,19 @@ def _member(m: np.ndarray, cls: BasisClass) -> bool:
         return orth
     if cls == C.ONES_ORTHOGONAL:
         return orth and np.allclose(np.ones(N) @ m, np.ones(N))
-    if cls in (C.COMPLEX_HALF, C.COMPLEX_INTERLEAVED):
-        j, d = _pair_ops("half" if cls == C.COMPLEX_HALF else "interleaved")
-        return np.allclose(m @ j, j @ m) and np.allclose(m @ d, d @ m) and abs(np.linalg.det(m)) > 1e-9
+    if pair_layout(cls) is not None:  # a complex scalar per pair: commutes with the pair's rotation
+        layout, unit, angle = pair_layout(cls)
+        j, d = _pair_ops(layout)
+        ok = np.allclose(m @ j, j @ m) and np.allclose(m @ d, d @ m) and abs(np.linalg.det(m)) > 1e-9
+        if unit:
+            ok = ok and orth
+        if angle >= 1:
+            ok = ok and entries is not None
+        if angle >= 2:
+            ok = ok and np.allclose(m, np.diag(np.diag(m)))
+        if angle == 3:
+            ok = ok and bool((np.diag(m) > 0).all())
+        return ok
     if cls == C.MONOMIAL:
         return entries is not None
     if cls == C.POSITIVE_MONOMIAL:
@@ -319,3 +329,19 @@ def test_union_keeps_the_permutation_group_when_the_linked_space_becomes_a_child
     t.link_permutation(b, c, L)
     t.union(c, a, L)
     assert t.perm_root(b) == t.perm_root(c) == t.perm_root(a)
+
+
+def test_pair_classes_meet_as_complex_scalars_per_pair():
+    """RoPE pairs: complex ∧ monomial = a scaled quarter turn per pair; ∧ orthogonal = a rotation; ∧ signed
+    permutation = a quarter turn; real scalars ∧ quarter turns = signs; layouts never mix; permutations hold only 1."""
+    from eecompile.passes.spaces import BasisClass as C, meet
+    assert meet(C.COMPLEX_HALF, C.MONOMIAL) == C.PAIR_SCALED_TURNS_HALF
+    assert meet(C.COMPLEX_HALF, C.SIGNED_PERMUTATION) == C.PAIR_UNITS_HALF
+    assert meet(C.COMPLEX_INTERLEAVED, C.ORTHOGONAL) == C.PAIR_ROTATIONS_INTERLEAVED
+    assert meet(meet(C.COMPLEX_HALF, C.ORTHOGONAL), C.MONOMIAL) == C.PAIR_UNITS_HALF
+    assert meet(C.PAIR_SCALES_HALF, C.PAIR_UNITS_HALF) == C.PAIR_SIGNS_HALF
+    assert meet(C.COMPLEX_HALF, C.POSITIVE_MONOMIAL) == C.PAIR_POSITIVE_HALF
+    assert meet(C.PAIR_SIGNS_HALF, C.INVERTIBLE) == C.PAIR_SIGNS_HALF
+    assert meet(C.COMPLEX_HALF, C.COMPLEX_INTERLEAVED) == C.CLEAR
+    assert meet(C.COMPLEX_HALF, C.PERMUTATION) == C.CLEAR
+    assert meet(C.PAIR_UNITS_HALF, C.POSITIVE_MONOMIAL) == C.CLEAR

@@ -33,7 +33,7 @@ class FeatureNormRule(OpRule):
             return
         rank = ctx.rank(node.inputs[0])
         axis = int(node.attrs.get("axis", -1)) % rank if rank else None
-        if not isinstance(x, Protected) or x.head_axis is not None or axis != x.axis or axis != rank - 1:
+        if not isinstance(x, Protected) or axis != x.axis or axis != rank - 1:
             ctx.clear(x, node, "normalisation over an axis other than the protected one")
             ctx.set(node.outputs[0], None)
             return
@@ -44,9 +44,18 @@ class FeatureNormRule(OpRule):
             cls = BasisClass.ORTHOGONAL if rms else BasisClass.ONES_ORTHOGONAL
             reason = ("RMS normalisation preserves only orthogonal bases" if rms else
                       "layer normalisation preserves only orthogonal bases that map ones to ones")
+        elif x.head_axis is not None:
+            # One gain vector serves every head: the heads may differ only by a sign per
+            # coordinate pair (no permutation), which also commutes with a RoPE that follows.
+            cls = BasisClass.PAIR_SIGNS_HALF if rms else BasisClass.CLEAR
+            reason = ("a per-head norm's gain is shared by all heads and cannot be folded: a sign per "
+                      "coordinate pair is the strongest basis that commutes with norm, gain and RoPE")
         else:
             cls = BasisClass.SIGNED_PERMUTATION if rms else BasisClass.PERMUTATION
             reason = "its gain cannot be folded into every consumer, so it must be permuted"
+        bias = ctx.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if x.head_axis is not None and bias is not None and np.any(bias != 0):
+            cls, reason = BasisClass.CLEAR, "a per-head norm's bias is shared by all heads"
         ctx.restrict(x, cls, node, reason)
         ctx.set(node.outputs[0], x)
 
@@ -56,7 +65,7 @@ class FeatureNormRule(OpRule):
             return
         rank = ctx.mg.rank(node.inputs[0])
         scale = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if scale is not None and not np.all(scale == 1):
+        if scale is not None and not np.all(scale == 1) and x.head_axis is None:
             ctx.set_const(node, 1, apply_on_axis(ctx, scale, x, rank, "perm").reshape(scale.shape))
         bias = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
         if bias is not None:

@@ -171,3 +171,49 @@ def test_rotary_embedding_op_on_flat_heads(rng, build, lint, compile_exact):
     space = report.space("q")
     assert space["basis"] == "complex-pairs" and space["blocks"] == H
     compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+def _head_rms(x: str, out: str, gain: str, p: str) -> list:
+    """Per-head RMS norm with a gain (Qwen3's q_norm / k_norm), decomposed as exporters write it."""
+    return [helper.make_node("Pow", [x, "two"], [f"{p}sq"], name=f"{p}pow"),
+            helper.make_node("ReduceMean", [f"{p}sq", "last"], [f"{p}ms"], name=f"{p}mean", keepdims=1),
+            helper.make_node("Add", [f"{p}ms", "eps"], [f"{p}mse"], name=f"{p}eps"),
+            helper.make_node("Sqrt", [f"{p}mse"], [f"{p}rms"], name=f"{p}sqrt"),
+            helper.make_node("Div", [x, f"{p}rms"], [f"{p}normed"], name=f"{p}div"),
+            helper.make_node("Mul", [f"{p}normed", gain], [out], name=f"{p}gain")]
+
+
+def test_head_norm_with_gain_before_rope_gets_quarter_turns(rng, build, lint, compile_exact):
+    """q/k norm before RoPE: a quarter turn (1, i, -1, -i) per frequency pair commutes with the norm, the
+    gain (permuted within the pair) and the rotation; the report says so and the model is exact."""
+    rope, extra = _decomposed(rng, "computed")
+    rope = [n for n in rope if not n.name.startswith(("q_", "k_"))]
+    rope += _head_rms("qh", "qn", "gain_q", "qnorm_") + _head_rms("kh", "kn", "gain_k", "knorm_")
+    rope += _rotate_half("qn", "qr", "cos4", "sin4", "q_") + _rotate_half("kn", "kr", "cos4", "sin4", "k_")
+    nodes, inits = _attention(rng, rope, {**extra, "two": np.array(2.0, np.float32),
+                                          "eps": np.array(1e-6, np.float32),
+                                          "gain_q": 1 + 0.3 * _f(rng, HD), "gain_k": 1 + 0.3 * _f(rng, HD)})
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], inits)
+    report = lint(path)
+    for t in ("q", "k"):
+        space = report.space(t)
+        assert space["class"] == "pair-quarter-turns" and space["blocks"] == H, space
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+def test_rms_normalization_op_per_head_before_rope_never_crashes(rng, build, lint, compile_exact):
+    """Opset 23: RMSNormalization with a head_dim-wide scale on [B, H, S, HD] (one gain for all heads) then
+    RotaryEmbedding. The gain cannot be permuted per head, so each pair gets a sign; folding keeps the scale 1-D."""
+    norm = [helper.make_node("RMSNormalization", ["qh", "gain_q"], ["qn"], name="q_norm", axis=-1),
+            helper.make_node("RMSNormalization", ["kh", "gain_k"], ["kn"], name="k_norm", axis=-1)]
+    rope = [helper.make_node("RotaryEmbedding", ["qn", "cos_q", "sin_q", "position_ids"], ["qr"], name="rope_q"),
+            helper.make_node("RotaryEmbedding", ["kn", "cos_k", "sin_k", "position_ids"], ["kr"], name="rope_k")]
+    nodes, inits = _attention(rng, norm + rope, {**_caches(rng), "gain_q": 1 + 0.3 * _f(rng, HD),
+                                                 "gain_k": 1 + 0.3 * _f(rng, HD)})
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], inits, opset=23)
+    report = lint(path)
+    for t in ("q", "k"):
+        assert report.space(t)["class"] == "pair-signs", report.space(t)
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
