@@ -57,35 +57,8 @@ class AnalysisContext:
 
     def partial_values(self, tensor: gs.Tensor) -> list[int | None] | None:
         """Element values of a small 1-D integer tensor where they are constant (shape tensors)."""
-        value = self.const(tensor)
-        if value is not None:
-            return [int(v) for v in np.atleast_1d(value)]
-        producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is None:
-            return None
-        if producer.op in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"):
-            return self.partial_values(producer.inputs[0])
-        if producer.op == "Concat":
-            out: list[int | None] = []
-            for part in producer.inputs:
-                shape = self.shape(part)
-                values = self.partial_values(part)
-                if values is None:
-                    if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
-                        return None
-                    values = [None] * shape[0]
-                out.extend(values)
-            return out
-        if producer.op in ("Equal", "Where"):
-            parts = [self.partial_values(t) for t in producer.inputs]
-            if any(p is None for p in parts):
-                return None
-            width = max(len(p) for p in parts)
-            parts = [p * width if len(p) == 1 else p for p in parts]
-            if producer.op == "Equal":
-                return [None if a is None or b is None else int(a == b) for a, b in zip(*parts)]
-            return [None if c is None else (x if c else y) for c, x, y in zip(*parts)]
-        return None
+        values = self.dim_values(tensor)
+        return None if values is None else [dims.as_int(v) for v in values]
 
     def rank(self, tensor: gs.Tensor) -> int | None:
         """Rank of a tensor, None when unknown."""
@@ -142,13 +115,13 @@ class AnalysisContext:
                 return None
             step = 1 if steps is None else int(np.atleast_1d(steps)[0])
             return data[slice(int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0]), step)]
-        if op in ("Add", "Sub", "Mul", "Div"):
-            parts = [self.dim_values(t, depth + 1) for t in ins[:2]]
+        if op in ("Add", "Sub", "Mul", "Div", "Equal", "Where"):
+            parts = [self.dim_values(t, depth + 1) for t in ins[:3 if op == "Where" else 2]]
             if any(p is None for p in parts):
                 return None
             width = max(len(p) for p in parts)
             parts = [p * width if len(p) == 1 else p for p in parts]
-            return [_arith(op, x, y) for x, y in zip(*parts)]
+            return [_arith(op, *xs) for xs in zip(*parts)]
         return None
 
     @staticmethod
@@ -286,10 +259,15 @@ class FoldContext:
         self.mg.set_values(tensor, np.asarray(value).astype(dtype))
 
 
-def _arith(op: str, x, y):
+def _arith(op: str, x, y, z=None):
     """One element of shape arithmetic on symbolic dims (None when unknown or not exact)."""
+    if op == "Where":
+        cond = dims.as_int(x)
+        return None if cond is None else (y if cond else z)
     if x is None or y is None:
         return None
+    if op == "Equal":
+        return dims.expr(1 if dims.equal(x, y) else 0) if dims.equal(x, y) or (x.is_Integer and y.is_Integer) else None
     if op == "Add":
         return x + y
     if op == "Sub":
