@@ -129,6 +129,8 @@ def derive(ctx: AnalysisContext, node: gs.Node) -> list | None:  # noqa: C901 - 
             return None
         batch = _broadcast([first[:-2], second[:-2]]) if len(first) > 2 or len(second) > 2 else []
         return [*batch, first[-2], second[-1]]
+    if op == "Slice":
+        return _slice_dims(ctx, node, first)
     if op == "Attention" and len(ins) > 2:  # opset 23: Y keeps Q's layout with V's head size
         v = ctx.shape(ins[2])
         if v is None or len(first) != len(v):
@@ -150,22 +152,58 @@ def derive(ctx: AnalysisContext, node: gs.Node) -> list | None:  # noqa: C901 - 
     return None
 
 
+def _slice_dims(ctx: AnalysisContext, node: gs.Node, first: list) -> list | None:
+    """Slice with unit steps: sliced axes get ``min(end, dim) - start`` where both are known."""
+    ins = node.inputs
+    starts, ends = ctx.dim_values(ins[1]), ctx.dim_values(ins[2])
+    axes = ctx.const(ins[3]) if len(ins) > 3 and ins[3].name else None
+    steps = ctx.const(ins[4]) if len(ins) > 4 and ins[4].name else None
+    if starts is None or ends is None or (steps is not None and np.any(steps != 1)):
+        return None
+    axes = list(range(len(starts))) if axes is None else [int(a) % len(first) for a in np.atleast_1d(axes)]
+    out = list(first)
+    for axis, lo, hi in zip(axes, starts, ends):
+        size, lo, hi = dims.as_int(first[axis]), dims.as_int(lo), dims.as_int(hi)
+        if size is None or lo is None or hi is None:
+            out[axis] = None
+            continue
+        lo, hi = (lo + size if lo < 0 else lo), (hi + size if hi < 0 else hi)
+        out[axis] = max(0, min(hi, size) - max(0, min(lo, size)))
+    return out
+
+
+def _split_dims(ctx: AnalysisContext, node: gs.Node) -> list[list | None]:
+    """Each Split output: the input's dims with the split axis cut into its part."""
+    first = ctx.shape(node.inputs[0])
+    if first is None:
+        return [None] * len(node.outputs)
+    axis = int(node.attrs.get("axis", 0)) % len(first)
+    sizes = node.attrs.get("split")
+    if sizes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        sizes = ctx.partial_values(node.inputs[1])
+    total = dims.as_int(first[axis])
+    if sizes is None and total is not None and total % len(node.outputs) == 0:
+        sizes = [total // len(node.outputs)] * len(node.outputs)
+    if sizes is None or len(sizes) != len(node.outputs):
+        return [None] * len(node.outputs)
+    return [[*first[:axis], size, *first[axis + 1:]] for size in sizes]
+
+
 def complete_shapes(ctx: AnalysisContext) -> int:
     """Fill unknown dims of every tensor from its producer; returns how many tensors were completed."""
     completed = 0
     for node in ctx.mg.nodes:
-        if not node.outputs:
-            continue
-        out = node.outputs[0]
-        inferred = ctx.mg.shape(out)
-        if _known(inferred):
+        outputs = [t for t in node.outputs if not _known(ctx.mg.shape(t))]
+        if not outputs:
             continue
         try:
-            derived = derive(ctx, node)
+            derived = _split_dims(ctx, node) if node.op == "Split" else [derive(ctx, node)]
         except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError):
-            derived = None
-        merged = _merge(inferred, derived)
-        if merged is not None and merged != inferred:
-            ctx.shape_overrides[out.name] = merged
-            completed += 1
+            continue
+        for out, shape in zip(node.outputs, derived):
+            inferred = ctx.mg.shape(out)
+            merged = _merge(inferred, shape)
+            if out in outputs and merged is not None and merged != inferred:
+                ctx.shape_overrides[out.name] = merged
+                completed += 1
     return completed
