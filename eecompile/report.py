@@ -274,6 +274,11 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
                    "MODEL.onnx` (benchmarks/RESULTS.md#audit-what-the-server-can-recover-trained-tinylm)")
     if any(e["basis"] in ("permutation", "signed-permutation", "monomial") for e in entries):
         out.append("permutation-type bases hide which coordinate is which, not the multiset of values")
+    if any(e["basis"] in ("pair-quarter-turns", "pair-signs", "pair-scales", "pair-positive-scales",
+                          "pair-scaled-quarter-turns") for e in entries):
+        out.append("per-pair bases (q/k norm with a gain before RoPE) hide little: each query/key coordinate's "
+                   "magnitude is visible up to a swap within its frequency pair (signs: exactly), so squared or "
+                   "absolute Q/K values are largely plaintext even where whole tensors differ")
     if any(n.op in ("Softmax",) for n in analysis.mg.nodes):
         out.append("attention patterns (softmax scores) are computed in clear on the server")
     if any(n.op in ("Conv", "MaxPool", "AveragePool") for n in analysis.mg.nodes):
