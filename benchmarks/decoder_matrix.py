@@ -22,7 +22,10 @@ compiler's report claims:
   position ids — and shapes), or ``secret`` (everything else: depends on token ids or the cache).
   ``present.*`` outputs equal to the plaintext ones are counted separately;
 * residual basis — from ``report.json``: the basis of the space holding the embedding Gather's
-  output, and the number of spaces per basis.
+  output, and the number of spaces per basis;
+* greedy generation — ``eecompile generate DIR --prompt-ids ... --max-new-tokens 16`` (the CLI, as a
+  subprocess) against greedy decoding of the original by a plain onnxruntime loop (KV cache fed back,
+  or the whole sequence re-run without one): equal token for token or not.
 
 Each cell runs in its own subprocess with a timeout, so one failing or hanging model does not
 stop the others.  Writes ``benchmarks/results/decoder_matrix.json`` and ``.md``.
@@ -314,6 +317,59 @@ def original_failure(model: Path, dims: dict[str, int], batch: int) -> str | Non
     return None
 
 
+# --- greedy generation ------------------------------------------------------------------
+
+GREEDY_PROMPT = [1, 5, 17, 42, 99, 200, 7]
+GREEDY_TOKENS = 16
+
+
+def reference_greedy(model: Path, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding of the original ``model`` with plain onnxruntime, batch 1 (independent of eecompile)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    presents = [x for x in names if x.startswith("present")]
+    seq, ids, past, cache, out = list(prompt), np.array([prompt], np.int64), 0, None, []
+    for _ in range(n):
+        feeds: dict[str, Any] = {}
+        for spec in sess.get_inputs():
+            if spec.name == "input_ids":
+                feeds[spec.name] = ids
+            elif spec.name == "attention_mask":
+                feeds[spec.name] = np.ones((1, past + ids.shape[1]), np.int64)
+            elif spec.name == "position_ids":
+                feeds[spec.name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
+            elif cache is not None:
+                feeds[spec.name] = cache[spec.name]
+            else:
+                feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
+        res = dict(zip(names, sess.run(names, feeds)))
+        nxt = int(np.argmax(res["logits"][0, -1]))
+        out.append(nxt)
+        seq.append(nxt)
+        if presents:
+            past += ids.shape[1]
+            cache = {_past_name(x): res[x] for x in presents}
+            ids = np.array([[nxt]], np.int64)
+        else:
+            ids = np.array([seq], np.int64)
+    return out
+
+
+def measure_generation(model: Path, out_dir: Path) -> dict[str, Any]:
+    """``eecompile generate`` (greedy, 16 tokens) on the compiled model vs :func:`reference_greedy` on the original."""
+    expected = reference_greedy(model, GREEDY_PROMPT, GREEDY_TOKENS)
+    proc = subprocess.run([sys.executable, "-m", "eecompile", "generate", str(out_dir), "--prompt-ids",
+                           ",".join(map(str, GREEDY_PROMPT)), "--max-new-tokens", str(GREEDY_TOKENS),
+                           "--provider", "cpu"], capture_output=True, text=True, cwd=str(REPO))
+    got = [int(t) for t in proc.stdout.split()] if proc.returncode == 0 else None
+    return {"rc": proc.returncode, "equal": got == expected, "plain": expected, "encrypted": got,
+            "prompt": GREEDY_PROMPT, "tokens": GREEDY_TOKENS,
+            "last_stderr": "" if proc.returncode == 0 else _last_line(proc.stderr)}
+
+
 # --- the report -------------------------------------------------------------------------
 
 
@@ -408,7 +464,8 @@ def run_cell(root: Path, arch: str, exporter: str, key: Path, retry_failed: bool
         batch = 1
     for stage, fn in (("report", lambda: report_facts(out_dir, model, dims["vocab_size"])),
                       ("exact", lambda: measure_exactness(model, out_dir, dims, batch=batch)),
-                      ("exposure", lambda: measure_exposure(model, out_dir, dims, batch=batch))):
+                      ("exposure", lambda: measure_exposure(model, out_dir, dims, batch=batch)),
+                      ("greedy", lambda: measure_generation(model, out_dir))):
         try:
             row[stage] = fn()
         except Exception as exc:  # noqa: BLE001 - recorded per stage
@@ -426,7 +483,7 @@ def _fmt_err(x: Any) -> str:
 def cell_summary(row: dict[str, Any]) -> dict[str, str]:
     """The table's columns for one row (strings); error messages go to ``status`` once."""
     cols = {k: "—" for k in ("compile", "verification", "exact", "matched", "exposed", "attn", "norm", "clear",
-                             "kv", "residual")}
+                             "kv", "residual", "greedy")}
     exp = row.get("export", {})
     if row.get("error"):
         return {**cols, "status": f"harness: {row['error']}"}
@@ -479,6 +536,14 @@ def cell_summary(row: dict[str, Any]) -> dict[str, str]:
         cols["attn"], cols["clear"] = str(expo["exposed_attention"]), str(expo["exposed_clear_input"])
         cols["norm"] = str(expo.get("exposed_norm_stat", 0))
         cols["kv"] = f"{expo['present_equal']}/{expo['present_total']}" if expo["present_total"] else "n/a"
+    gen = row.get("greedy", {})
+    if "error" in gen:
+        cols["greedy"] = "error"
+        notes.append(f"generation: {gen['error']}")
+    elif gen:
+        cols["greedy"] = "equal" if gen.get("equal") else ("**DIFF**" if gen.get("rc") == 0 else f"rc {gen.get('rc')}")
+        if gen.get("rc"):
+            notes.append(f"eecompile generate: {gen.get('last_stderr')}")
     return {**cols, "status": "; ".join(notes)}
 
 
@@ -512,7 +577,9 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results:
         "unchanged by an orthogonal basis by design); "
         "**clear-only** matches computed only from the inputs the client leaves in clear (mask, positions, "
         "shapes); **KV** `present.*` outputs equal to plaintext; **residual** basis (size) of the space "
-        "holding the embedding Gather's output.",
+        "holding the embedding Gather's output; **greedy** `eecompile generate --prompt-ids` "
+        f"({GREEDY_TOKENS} new tokens after a {len(GREEDY_PROMPT)}-token prompt) vs greedy decoding of the original "
+        "by a plain onnxruntime loop: `equal` token for token.",
         "",
         "Export handling: `optimum` runs `main_export(task=\"text-generation-with-past\")` in a separate "
         "environment (transformers 4.57; optimum needs < 4.58), rebuilding the model there from the same tiny "
@@ -523,14 +590,15 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results:
         "rejects at batch > 1 for the rotary architectures, so those cells are measured at batch 1 (`b1`).",
         "",
         "| arch | exporter | compile | verification | exact (measured) | names matched | exposed | attn | norm "
-        "| clear-only | KV | residual | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clear-only | KV | residual | greedy | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         c = cell_summary(row)
         status = c["status"].replace("|", "\\|")
         lines.append(f"| {row['arch']} | {row['exporter']} | {c['compile']} | {c['verification']} | {c['exact']} | "
-                     f"{c['matched']} | {c['exposed']} | {c['attn']} | {c['norm']} | {c['clear']} | {c['kv']} | {c['residual']} | {status} |")
+                     f"{c['matched']} | {c['exposed']} | {c['attn']} | {c['norm']} | {c['clear']} | {c['kv']} | {c['residual']} | "
+                     f"{c['greedy']} | {status} |")
     lines += ["", "## Spaces per basis (report.json)", "", "| arch | exporter | spaces per basis |", "|---|---|---|"]
     for row in rows:
         rep = row.get("report") or {}
@@ -593,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch}/{exporter} ({row['seconds']}s): compile {c['compile']}, verification {c['verification']}, "
                   f"exact {c['exact']}, exposed {c['exposed']} attn {c['attn']} norm {c['norm']} clear {c['clear']} "
                   f"kv {c['kv']}, "
-                  f"residual {c['residual']} {c['status'][:200]}", flush=True)
+                  f"residual {c['residual']}, greedy {c['greedy']} {c['status'][:200]}", flush=True)
             write_results(rows, args, args.results)
     return 0
 

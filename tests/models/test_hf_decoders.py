@@ -157,3 +157,15 @@ def test_build_and_export_llama_dynamo20(tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cell_summary_greedy_column():
+    m = _matrix()
+    base = {"arch": "llama", "exporter": "optimum", "export": {"path": "m.onnx"}, "compile": {"rc": 0},
+            "report": {"verification": {"checked": True, "max_relative_error": 1e-7}}, "exact": {"error": "x"},
+            "exposure": {"error": "y"}}
+    assert m.cell_summary(base)["greedy"] == "—"
+    assert m.cell_summary({**base, "greedy": {"rc": 0, "equal": True}})["greedy"] == "equal"
+    assert m.cell_summary({**base, "greedy": {"rc": 0, "equal": False}})["greedy"] == "**DIFF**"
+    failed = m.cell_summary({**base, "greedy": {"rc": 2, "equal": False, "last_stderr": "eecompile: error: no"}})
+    assert failed["greedy"] == "rc 2" and "eecompile generate: eecompile: error: no" in failed["status"]
