@@ -22,7 +22,7 @@ from eecompile.errors import ModelFileError, OutputDirError
 from eecompile.keys import MasterKey, load_key
 from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.fold import fold
-from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
+from eecompile.passes.graph import ModelGraph, infer_shapes, load_checked
 from eecompile.passes.insert import insert
 from eecompile.passes.exposure import exposure_for_compile
 from eecompile.passes.normalize import normalize
@@ -78,11 +78,13 @@ def _initializers_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
     model_path = Path(model_path).resolve()
-    model = _initializers_not_inputs(load_model(model_path, store))
+    model, validity = load_checked(model_path, store)
+    model = _initializers_not_inputs(model)
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
     with _ort_warnings_quiet():  # constant folding runs ONNX Runtime sessions of its own
         normalized = normalize(mg)
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
+    mg.validity = validity
     return mg, analyze(mg), normalized
 
 
@@ -246,7 +248,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         server_path, server_model = _emit_server(mg, new / "server")
         store.close()
         scratch.unlink(missing_ok=True)
-        check_structure(server_model, server_path)
+        server_validity = check_structure(server_model, server_path)
         client = Client(boundary, model_id(new / "server"))
         client.save(new / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_value_types(server_model.graph.input),
@@ -266,6 +268,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                                   "detail": result.detail}
         report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)
         report["warnings"].extend(exposure_warnings(report["exposure"]))
+        report["server_validity"] = server_validity.describe()
         report["key_fingerprint"] = key.fingerprint()
         report["source_model"] = str(Path(model_path).resolve())
         with staging.writing(new / "report.json"):

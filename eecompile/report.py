@@ -7,7 +7,8 @@ Schema (``report.to_dict()``)::
                  lift: {kind, how} | null,   # weak/clear spaces: a re-export option, a policy, inherent ...
                  tensors: [str]}],
      "inputs": [{name, protection}], "outputs": [{name, protection}],
-     "unsupported_ops": [{node, op_type, domain}], "weaknesses": [str], "policies": [str],
+     "validity": str (which checks the model passed), "unsupported_ops": [{node, op_type, domain}],
+     "weaknesses": [str], "policies": [str],
      "summary": {basis: count}}
 
 A compile adds ``verification`` ({checked, max_relative_error, detail}) and ``exposure``
@@ -154,6 +155,7 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
         "spaces": entries,
         "inputs": io["inputs"],
         "outputs": io["outputs"],
+        "validity": analysis.mg.validity.describe() if getattr(analysis.mg, "validity", None) else "onnx.checker",
         "unsupported_ops": [{"node": u.node, "op_type": u.op_type, "domain": u.domain} for u in analysis.unsupported],
         "weaknesses": _weaknesses(analysis, entries),
         "policies": policies,
@@ -320,6 +322,8 @@ def render_text(report: dict) -> str:
     for side in ("inputs", "outputs"):
         lines.append(f"{side}:")
         lines.extend(f"  {io['name']}: {io['protection']}" for io in report[side])
+    if report.get("validity"):
+        lines.append(f"validity: {report['validity']}")
     if report["unsupported_ops"]:
         lines.append("unsupported ops (their spaces stay clear):")
         lines.extend(f"  {u['node']} ({u['domain']}::{u['op_type']})" for u in report["unsupported_ops"])
@@ -390,6 +394,8 @@ def render_markdown(report: dict) -> str:
     for side in ("inputs", "outputs"):
         out += ["", f"## {side.capitalize()}", ""]
         out += [f"- `{io['name']}`: {io['protection']}" for io in report[side]]
+    if report.get("validity"):
+        out += ["", "## Validity", "", f"checked by {report['validity']}"]
     out += ["", "## Unsupported ops", ""]
     out += [f"- `{u['node']}` ({u['domain']}::{u['op_type']})" for u in report["unsupported_ops"]] or ["none"]
     out += ["", "## Policies", ""] + ([f"- {p}" for p in report["policies"]] or ["none"])

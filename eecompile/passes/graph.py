@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,54 @@ from eecompile.passes.store import FileValues, TensorStore, external_values, ext
 Dim = int | str | None
 
 
+ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.training", "ai.onnx.preview.training"})
+"""Domains whose ops ``onnx.checker`` validates against ONNX's own schemas (it skips all others)."""
+
+_RENAMED_DOMAIN = "eecompile.ort_registered"
+_NO_OP = re.compile(r"No Op registered for (\S+) with domain_version of (\d+)")
+
+
+@dataclass(frozen=True)
+class Validity:
+    """Which checks a model passed: ``onnx.checker`` and, for the ops ONNX does not know, ONNX Runtime's registry.
+
+    ``ort_ops``: ``domain::op`` (``op`` in the default domain) of the ops ``onnx.checker`` has no schema for,
+    checked against ONNX Runtime's operator schemas instead (input/output counts, attribute names, required
+    attributes). ``unregistered``: ops of custom domains neither registry knows (``onnx.checker`` skips
+    custom domains; ONNX Runtime needs a custom-op library for them).
+    """
+
+    ort_ops: tuple[str, ...] = ()
+    unregistered: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for the report: ``onnx.checker`` or ``onnx.checker + ONNX Runtime op registry (...)``."""
+        text = "onnx.checker"
+        if self.ort_ops:
+            text += f" + ONNX Runtime op registry (ops onnx.checker does not know: {', '.join(self.ort_ops)})"
+        if self.unregistered:
+            text += f"; not checked (custom-domain ops no registry knows: {', '.join(self.unregistered)})"
+        return text
+
+
+class InvalidModel(ValueError):
+    """A model that neither ``onnx.checker`` nor ONNX Runtime's op registry accepts (one line)."""
+
+
 def load_model(path: str | Path, store: TensorStore | None = None) -> onnx.ModelProto:
-    """Load an ONNX model's structure, failing with one clear line.
+    """Load an ONNX model's structure, failing with one clear line (see :func:`load_checked`)."""
+    return load_checked(path, store)[0]
+
+
+def load_checked(path: str | Path, store: TensorStore | None = None) -> tuple[onnx.ModelProto, Validity]:
+    """Load an ONNX model's structure and say which validity checks it passed.
+
+    ``onnx.checker`` runs on the file first. A model it rejects only because an op is unknown to ONNX
+    (``No Op registered for SimplifiedLayerNormalization with domain_version of 22``: ONNX Runtime's
+    ops in the default domain) is accepted when ONNX Runtime registers every such op for that domain
+    version; the rest of the model is then checked by ``onnx.checker`` with those ops set aside.
+    Contrib ops (``com.microsoft``), which ``onnx.checker`` skips, are checked against ONNX Runtime's
+    schemas as well. :class:`Validity` records what was applied.
 
     External data is not read here: :class:`ModelGraph` reads each such tensor from its file
     only when a pass needs its values. With a ``store``, weights embedded in the protobuf move
@@ -27,10 +76,13 @@ def load_model(path: str | Path, store: TensorStore | None = None) -> onnx.Model
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
+    rejected = None
     try:  # first, so the checker's own copy is gone before the model is loaded
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise ModelFileError(f"{path} is not a valid ONNX model: {str(exc).strip().splitlines()[0]}") from None
+        rejected = str(exc).strip().splitlines()[0]
+        if not _NO_OP.search(rejected):
+            raise ModelFileError(f"{path} is not a valid ONNX model: {rejected}") from None
     except Exception as exc:  # not parseable at all
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     try:
@@ -39,12 +91,166 @@ def load_model(path: str | Path, store: TensorStore | None = None) -> onnx.Model
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    try:
+        validity = check_registered_ops(model, checker_failed=rejected)
+    except InvalidModel as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX model: {exc}") from None
     if store is not None and store.scratch is not None:
         externalize(model, store)
         slim = onnx.ModelProto()
         slim.ParseFromString(model.SerializeToString())  # drops the arena that held the weights
         model = slim
-    return model
+    return model, validity
+
+
+def check_model(model: onnx.ModelProto, path: str | Path | None = None) -> Validity:
+    """``onnx.checker`` (on ``path`` when given) plus ONNX Runtime's registry for the ops ONNX does not know.
+
+    Raises :class:`InvalidModel` with one line when the model fails either.
+    """
+    try:
+        onnx.checker.check_model(str(path) if path is not None else model, full_check=False)
+        rejected = None
+    except onnx.checker.ValidationError as exc:
+        rejected = str(exc).strip().splitlines()[0]
+        if not _NO_OP.search(rejected):
+            raise InvalidModel(rejected) from None
+    return check_registered_ops(model, checker_failed=rejected)
+
+
+def check_registered_ops(model: onnx.ModelProto, checker_failed: str | None = None) -> Validity:
+    """Check the ops ONNX has no schema for against ONNX Runtime's; re-run ``onnx.checker`` without them.
+
+    ``checker_failed``: the line ``onnx.checker`` rejected the model with (an unknown op), or None when it
+    passed. Then the model's structure (initializers as typed inputs: ``onnx.checker`` validated them
+    before it reached the nodes) is checked again with the ONNX Runtime ops moved to a private domain,
+    which ``onnx.checker`` skips.
+    """
+    versions = {o.domain or "": o.version for o in model.opset_import}
+    if "ai.onnx" in versions and "" not in versions:
+        versions[""] = versions["ai.onnx"]
+    ort_ops: dict[str, None] = {}
+    unregistered: dict[str, None] = {}
+    renamed: set[int] = set()
+    for index, (node, graph_versions) in enumerate(_all_nodes(model, versions)):
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        version = graph_versions.get(domain)
+        if version is None:
+            continue  # onnx.checker reports a missing opset import
+        if onnx.defs.has(node.op_type, version, domain):
+            continue
+        label = node.op_type if not domain else f"{domain}::{node.op_type}"
+        schema = _ort_schema(domain, node.op_type, version)
+        if schema is None:
+            if domain in ONNX_DOMAINS:
+                raise InvalidModel((checker_failed or f"No Op registered for {node.op_type} with domain_version "
+                                    f"of {version}") + " (ONNX Runtime does not register it either)")
+            unregistered[label] = None
+            continue
+        _check_against(node, schema, label)
+        ort_ops[label] = None
+        if domain in ONNX_DOMAINS:
+            renamed.add(index)
+    if checker_failed is not None:
+        if not renamed:
+            raise InvalidModel(checker_failed)
+        _recheck_without(model, renamed)
+    return Validity(tuple(sorted(ort_ops)), tuple(sorted(unregistered)))
+
+
+def _all_nodes(model: onnx.ModelProto, versions: dict[str, int]):
+    """(node, opset versions in scope) for every node: graph, subgraphs, and model-local functions."""
+    def walk(graph_nodes, scope):
+        for node in graph_nodes:
+            yield node, scope
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g.node, scope)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        yield from walk(sub.node, scope)
+
+    yield from walk(model.graph.node, versions)
+    for function in model.functions:
+        scope = dict(versions)
+        scope.update({o.domain or "": o.version for o in function.opset_import})
+        yield from walk(function.node, scope)
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_schemas() -> dict[tuple[str, str], list]:
+    """ONNX Runtime's operator schemas by (domain, op), oldest version first ({} without ONNX Runtime)."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+        return {}
+    table: dict[tuple[str, str], list] = {}
+    for schema in get_all_operator_schema():
+        domain = "" if schema.domain in ("", "ai.onnx") else schema.domain
+        table.setdefault((domain, schema.name), []).append(schema)
+    for schemas in table.values():
+        schemas.sort(key=lambda s: s.since_version)
+    return table
+
+
+def _ort_schema(domain: str, op_type: str, version: int):
+    """The ONNX Runtime schema of ``op_type`` in effect at opset ``version`` of ``domain``, or None."""
+    candidates = [s for s in _ort_schemas().get((domain, op_type), []) if s.since_version <= version]
+    if not candidates or candidates[-1].deprecated:
+        return None
+    return candidates[-1]
+
+
+def _check_against(node: onnx.NodeProto, schema, label: str) -> None:
+    """Input/output counts and attributes of ``node`` against an ONNX Runtime schema."""
+    where = f"node {node.name or '(unnamed)'} ({label})"
+    inputs = len(node.input)
+    while inputs and not node.input[inputs - 1]:
+        inputs -= 1  # trailing optional inputs left out
+    outputs = len(node.output)
+    if not schema.min_input <= inputs <= schema.max_input:
+        raise InvalidModel(f"{where} has {inputs} inputs; ONNX Runtime's schema takes "
+                           f"{schema.min_input} to {schema.max_input}")
+    if not schema.min_output <= outputs <= schema.max_output:
+        raise InvalidModel(f"{where} has {outputs} outputs; ONNX Runtime's schema gives "
+                           f"{schema.min_output} to {schema.max_output}")
+    known = schema.attributes
+    for attr in node.attribute:
+        if attr.name not in known:
+            raise InvalidModel(f"{where} has attribute {attr.name!r}, which ONNX Runtime's schema does not define")
+    given = {a.name for a in node.attribute}
+    missing = [name for name, attr in known.items() if attr.required and name not in given]
+    if missing:
+        raise InvalidModel(f"{where} lacks the required attribute(s) {', '.join(missing)}")
+
+
+def _recheck_without(model: onnx.ModelProto, renamed: set[int]) -> None:
+    """``onnx.checker`` on the structure with the nodes at positions ``renamed`` (in :func:`_all_nodes`
+    order) moved to a private domain, and initializers as typed inputs."""
+    copy = onnx.ModelProto()
+    _structure_copy(model, copy)
+    for index, (node, _) in enumerate(_all_nodes(copy, {})):
+        if index in renamed:
+            node.domain = _RENAMED_DOMAIN
+    copy.opset_import.append(onnx.helper.make_opsetid(_RENAMED_DOMAIN, 1))
+    try:
+        onnx.checker.check_model(copy, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModel(str(exc).strip().splitlines()[0]) from None
+
+
+def _structure_copy(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:
+    """``model`` into ``copy`` without initializer data: each initializer becomes a typed graph input."""
+    graph = model.graph
+    copy.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                                  opset_import=model.opset_import, functions=model.functions))
+    inputs = list(graph.input)
+    names = {v.name for v in inputs}
+    for init in graph.initializer:
+        if init.name not in names:
+            inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    copy.graph.CopyFrom(onnx.GraphProto(name=graph.name, node=graph.node, input=inputs, output=graph.output,
+                                        value_info=graph.value_info))
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -111,6 +317,8 @@ class ModelGraph:
         self.metadata = {p.key: p.value for p in model.metadata_props}
         self.producer = (model.producer_name, model.producer_version)
         self.store = store or TensorStore()
+        self.validity: Validity | None = None
+        """The checks the loaded model passed (:func:`load_checked`), for the report; None when unknown."""
         self.graph: gs.Graph = gs.import_onnx(model)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) \

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from eecompile.errors import EECompileError
+from eecompile.passes.graph import InvalidModel, Validity, check_model
 
 PRIVATE_DOMAIN = "ai.eecompile"
 DEFAULT_TOLERANCE = 1e-4
@@ -48,15 +49,16 @@ class VerifyResult:
     decode_checked: bool = False  # a decode step with the KV cache fed back was compared too
 
 
-def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> None:
-    """No private-domain op is left, and the ONNX checker passes (on ``path`` when given)."""
+def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> Validity:
+    """No private-domain op is left, and the model is valid (on ``path`` when given) as the loader checks it:
+    ``onnx.checker``, plus ONNX Runtime's op registry for the ops ONNX does not know (:func:`check_model`)."""
     private = [n.name or n.op_type for n in model.graph.node if n.domain == PRIVATE_DOMAIN]
     if private:
         raise VerificationError(f"private basis-change ops left in the graph: {private[:5]}")
     try:
-        onnx.checker.check_model(str(path) if path is not None else model, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"compiled model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        return check_model(model, path)
+    except InvalidModel as exc:
+        raise VerificationError(f"compiled model fails onnx.checker: {exc}") from None
 
 
 class CannotVerify(VerificationError):
