@@ -28,7 +28,10 @@ compiler's report claims:
   or the whole sequence re-run without one): equal token for token or not.
 
 Each cell runs in its own subprocess with a timeout, so one failing or hanging model does not
-stop the others.  Writes ``benchmarks/results/decoder_matrix.json`` and ``.md``.
+stop the others.  Writes ``benchmarks/results/decoder_matrix.json`` and ``.md``; with ``--results-md
+benchmarks/RESULTS.md`` also the condensed section "Real exports: Hugging Face decoders × exporters" there
+(between ``<!-- decoder-matrix -->`` markers), naming the commit the code was measured at (``--commit``
+when the code does not run from a git checkout).
 """
 
 from __future__ import annotations
@@ -547,6 +550,87 @@ def cell_summary(row: dict[str, Any]) -> dict[str, str]:
     return {**cols, "status": "; ".join(notes)}
 
 
+def code_version(repo: Path = REPO) -> str:
+    """``git rev-parse HEAD`` of ``repo`` (+ ``, uncommitted changes in: ...`` for tracked files under
+    eecompile/ and benchmarks/ that differ from it), or ``"unknown"`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                "eecompile", "benchmarks"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    files = [line[3:] for line in dirty.splitlines() if line.strip() and not line[3:].startswith("benchmarks/results")]
+    return head + (f", uncommitted changes in: {', '.join(files)}" if files else "")
+
+
+SECTION_START, SECTION_END = "<!-- decoder-matrix -->", "<!-- /decoder-matrix -->"
+
+
+def results_section(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> str:
+    """The condensed RESULTS.md section: arch × exporter → compile, verification, exact, exposure, KV, residual, greedy."""
+    residual_of = {(r["arch"], r["exporter"]): cell_summary(r)["residual"] for r in rows}
+    lines = [SECTION_START, "## Real exports: Hugging Face decoders × exporters", "",
+             f"**Command:** `{command}` (about 15 minutes on 2 cores; exports cached under the folder given). "
+             f"**Code:** commit `{meta['commit']}`; measured {meta['date']} UTC, torch {meta['torch']}, "
+             f"onnxruntime {meta['onnxruntime']}, CPU. Full table with every count, spaces per basis and the "
+             "exposed tensors by name: [`results/decoder_matrix.md`](results/decoder_matrix.md) "
+             "(raw: `results/decoder_matrix.json`).", "",
+             "Tiny random-weight checkpoints of eleven architectures (hidden 64, 2 layers, 4 heads × 16, 2 KV heads "
+             "where GQA, vocabulary 256; `eecompile/models/hf_decoders.py`), each exported four ways: optimum "
+             "`text-generation-with-past` (KV cache in and out; run under transformers 4.57 in a second venv), "
+             "`torch.onnx.export(dynamo=True)` at the default opset 20 and at opset 23 (dynamic batch and sequence, "
+             "no cache), and the TorchScript exporter at opset 17.", "",
+             "Columns: **compile** exit status of `eecompile compile`; **verification** the compiler's own check "
+             "(report.json; with-past exports include a decode step on the fed-back cache); **exact** max relative "
+             f"error measured here on fresh inputs, batch {BATCH} × seq {SEQ}, plus {DECODE_STEPS} decode steps "
+             "feeding the server's `present.*` back for with-past exports (`b1`: the original only runs at batch "
+             "1); **exposed** float intermediates that depend on the ids or the cache, are not attention scores or "
+             "per-token norm statistics, and whose server value equals the plaintext one, out of those compared; "
+             "**KV** server `present.*` outputs equal to the plaintext model's cache; **residual** the basis of the "
+             "residual stream (the embedding output's space), `= legacy` when it equals the opset-17 export's; "
+             f"**greedy** `eecompile generate --prompt-ids` ({GREEDY_TOKENS} tokens) vs plain onnxruntime greedy "
+             "decoding of the original.", "",
+             "| arch | exporter | compile | verification | exact | exposed | KV | residual | greedy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    full = {"compile": 0, "verified": 0, "exact": 0, "exact5": 0, "exposed0": 0, "kv0": 0, "greedy": 0}
+    for row in rows:
+        c = cell_summary(row)
+        res = c["residual"]
+        legacy = residual_of.get((row["arch"], "legacy17"))
+        if row["exporter"] != "legacy17" and legacy and res == legacy:
+            res += " = legacy"
+        elif row["exporter"] != "legacy17" and legacy and res not in ("—", legacy):
+            res += f" (legacy: {legacy})"
+        lines.append(f"| {row['arch']} | {row['exporter']} | {c['compile']} | {c['verification']} | {c['exact']} | "
+                     f"{c['exposed']} | {c['kv']} | {res} | {c['greedy']} |")
+        full["compile"] += c["compile"] == "0"
+        full["verified"] += c["verification"].startswith("yes")
+        full["exact"] += c["exact"].startswith("yes")
+        err = (row.get("exact") or {}).get("max_rel_err")
+        full["exact5"] += err is not None and err <= 1e-5
+        full["exposed0"] += c["exposed"].startswith("0/")
+        full["kv0"] += c["kv"].startswith("0/") or c["kv"] == "n/a"
+        full["greedy"] += c["greedy"] == "equal"
+    n = len(rows)
+    lines += ["", f"**Totals over {n} cells:** compile exit 0: {full['compile']}; verification ran and passed: "
+              f"{full['verified']}; exact (≤ {EXACT_TOLERANCE:g}): {full['exact']}, of which ≤ 1e-5: {full['exact5']}; zero exposed intermediates: {full['exposed0']}; "
+              f"no plaintext KV cache: {full['kv0']}; greedy generation identical: {full['greedy']}.", SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def update_results_md(path: Path, section: str) -> None:
+    """Replace the ``<!-- decoder-matrix -->`` section of ``path`` with ``section`` (append it if absent)."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results: Path = RESULTS) -> None:
     """Write ``decoder_matrix.json`` (every measurement) and ``decoder_matrix.md`` (the table)."""
     import onnxruntime
@@ -555,13 +639,14 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results:
     results.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "exports": str(args.out), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "batch": BATCH, "seq": SEQ, "decode_steps": DECODE_STEPS,
-            "rtol": RTOL, "atol": ATOL, "exact_tolerance": EXACT_TOLERANCE}
+            "rtol": RTOL, "atol": ATOL, "exact_tolerance": EXACT_TOLERANCE,
+            "commit": getattr(args, "commit", None) or code_version()}
     (results / "decoder_matrix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     lines = [
         "# Real-export matrix: Hugging Face decoders × exporters",
         "",
         f"Generated by `python benchmarks/decoder_matrix.py --out {args.out}` on {meta['date']} "
-        f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}). Tiny random-weight checkpoints "
+        f"at commit `{meta['commit']}` (torch {meta['torch']}, onnxruntime {meta['onnxruntime']}). Tiny random-weight checkpoints "
         "(hidden 64, 2 layers, 4 heads × 16, 2 KV heads where GQA, intermediate 128, vocab 256), "
         "see `eecompile/models/hf_decoders.py`. The compiler is being changed: these are a snapshot.",
         "",
@@ -616,6 +701,19 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, results:
         if expo.get("present_equal_names"):
             lines.append(f"  - KV outputs equal to plaintext: {', '.join(expo['present_equal_names'])}")
     (results / "decoder_matrix.md").write_text("\n".join(lines) + "\n")
+    if getattr(args, "results_md", None) and getattr(args, "final", False):
+        command = "python benchmarks/decoder_matrix.py --out " + str(args.out)
+        if args.archs != ",".join(_all_names()[0]):
+            command += f" --archs {args.archs}"
+        if args.exporters != ",".join(_all_names()[1]):
+            command += f" --exporters {args.exporters}"
+        update_results_md(args.results_md, results_section(rows, meta, command))
+
+
+def _all_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from eecompile.models.hf_decoders import ARCHS, EXPORTERS
+
+    return ARCHS, EXPORTERS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -630,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-failed", action="store_true", help="retry exports recorded as failed")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the .json/.md go")
     parser.add_argument("--cell", nargs=2, metavar=("ARCH", "EXPORTER"), help=argparse.SUPPRESS)
+    parser.add_argument("--results-md", type=Path, metavar="RESULTS.md",
+                        help="also write the condensed section into this file (e.g. benchmarks/RESULTS.md) at the end")
+    parser.add_argument("--commit", help="the commit the code was checked out at (default: git rev-parse HEAD)")
     parser.add_argument("--key", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
@@ -663,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"kv {c['kv']}, "
                   f"residual {c['residual']}, greedy {c['greedy']} {c['status'][:200]}", flush=True)
             write_results(rows, args, args.results)
+    args.final = True
+    write_results(rows, args, args.results)
     return 0
 
 

@@ -169,3 +169,27 @@ def test_cell_summary_greedy_column():
     assert m.cell_summary({**base, "greedy": {"rc": 0, "equal": False}})["greedy"] == "**DIFF**"
     failed = m.cell_summary({**base, "greedy": {"rc": 2, "equal": False, "last_stderr": "eecompile: error: no"}})
     assert failed["greedy"] == "rc 2" and "eecompile generate: eecompile: error: no" in failed["status"]
+
+
+def test_results_section_replaces_its_own_block(tmp_path):
+    m = _matrix()
+    row = {"arch": "llama", "exporter": "optimum", "export": {"path": "m.onnx"}, "compile": {"rc": 0},
+           "report": {"verification": {"checked": True, "max_relative_error": 1e-7},
+                      "residual": {"basis": "orthogonal", "size": 64}},
+           "exact": {"max_rel_err": 2e-7, "decode_steps": 2, "batch": 2},
+           "exposure": {"exposed_secret": 0, "compared_float": 10, "matched_names": 10, "intermediates": 12,
+                        "exposed_attention": 1, "exposed_clear_input": 0, "present_equal": 0, "present_total": 4},
+           "greedy": {"rc": 0, "equal": True}}
+    legacy = {**row, "exporter": "legacy17", "exact": {"max_rel_err": 2e-7, "decode_steps": 0, "batch": 2}}
+    meta = {"commit": "abc123", "date": "2026-12-02 00:00", "torch": "2.13", "onnxruntime": "1.32"}
+    section = m.results_section([row, legacy], meta, "python benchmarks/decoder_matrix.py --out X")
+    assert "| llama | optimum | 0 | yes / 1.0e-07 | yes 2.0e-07 (+2 dec) | 0/10 | 0/4 | orthogonal (64) = legacy | equal |" \
+        in section
+    assert "commit `abc123`" in section and "of which ≤ 1e-5: 2" in section
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Other\n\ntext\n")
+    m.update_results_md(path, section)
+    m.update_results_md(path, section.replace("abc123", "def456"))
+    text = path.read_text()
+    assert text.count(m.SECTION_START) == 1 and "def456" in text and "abc123" not in text
+    assert text.startswith("# Benchmark results\n\n## Other\n\ntext\n")
