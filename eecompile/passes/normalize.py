@@ -19,7 +19,12 @@ from eecompile.passes.graph import ModelGraph
 from eecompile.passes.rules import SHAPE_ONLY_OPS
 from eecompile.passes.store import shared_values
 
-NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
+NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+GAIN_INPUT = {"SkipSimplifiedLayerNormalization": 2, "SkipLayerNormalization": 2}
+"""Index of a norm's gain among its inputs where it is not 1 (ONNX Runtime's residual norms: input, skip, gamma)."""
+BETA_INPUT = {"LayerNormalization": 2, "SkipLayerNormalization": 3}
+"""Index of the bias added after the gain (divided by the gain when the gain is folded)."""
 
 
 @dataclass
@@ -126,7 +131,7 @@ def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
     outputs = set(id(t) for t in mg.graph.outputs)
     for node in mg.nodes:
         if node.op in NORM_OPS:
-            gain_index, out = 1, node.outputs[0]
+            gain_index, out = GAIN_INPUT.get(node.op, 1), node.outputs[0]
         elif node.op == "Mul":
             gain_index = next((i for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)), None)
             out = node.outputs[0]
@@ -148,9 +153,10 @@ def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
         g64 = gain.astype(np.float64)
         for consumer in consumers:
             _scale_rows(mg, consumer, g64)
-        if node.op == "LayerNormalization" and len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-            bias = np.asarray(node.inputs[2].values)
-            node.inputs[2] = gs.Constant(f"{node.inputs[2].name}_g", (bias / g64).astype(bias.dtype))
+        beta = BETA_INPUT.get(node.op)
+        if beta is not None and len(node.inputs) > beta and isinstance(node.inputs[beta], gs.Constant):
+            bias = np.asarray(node.inputs[beta].values)
+            node.inputs[beta] = gs.Constant(f"{node.inputs[beta].name}_g", (bias / g64).astype(bias.dtype))
         node.inputs[gain_index] = gs.Constant(f"{node.inputs[gain_index].name}_ones", np.ones_like(gain))
         result.gains_folded.append(node.name)
 

@@ -19,6 +19,43 @@ from eecompile.passes.rules.base import OpRule
 from eecompile.passes.spaces import BasisClass
 
 
+def restrict_for_norm(ctx: AnalysisContext, node: gs.Node, x: Protected, scale: np.ndarray | None,
+                      bias: np.ndarray | None, rms: bool) -> None:
+    """The bases a norm over ``x``'s protected (last) axis allows, given its gain and bias constants.
+
+    With an all-ones gain (or one normalize folded away) an RMS norm keeps any orthogonal basis and a
+    layer norm the orthogonal bases that map ones to ones; a gain left in the graph must be permuted.
+    """
+    ones = scale is None or bool(np.all(scale == 1))
+    if ones:
+        cls = BasisClass.ORTHOGONAL if rms else BasisClass.ONES_ORTHOGONAL
+        reason = ("RMS normalisation preserves only orthogonal bases" if rms else
+                  "layer normalisation preserves only orthogonal bases that map ones to ones")
+    elif x.head_axis is not None:
+        # One gain vector serves every head: the heads may differ only by a sign per
+        # coordinate pair (no permutation), which also commutes with a RoPE that follows.
+        cls = BasisClass.PAIR_SIGNS_HALF if rms else BasisClass.CLEAR
+        reason = ("a per-head norm's gain is shared by all heads and cannot be folded: a sign per "
+                  "coordinate pair is the strongest basis that commutes with norm, gain and RoPE")
+    else:
+        cls = BasisClass.SIGNED_PERMUTATION if rms else BasisClass.PERMUTATION
+        reason = "its gain cannot be folded into every consumer, so it must be permuted"
+    if x.head_axis is not None and bias is not None and np.any(bias != 0):
+        cls, reason = BasisClass.CLEAR, "a per-head norm's bias is shared by all heads"
+    ctx.restrict(x, cls, node, reason)
+
+
+def fold_norm_constants(ctx: FoldContext, node: gs.Node, x: Protected, rank: int, scale_index: int,
+                        bias_index: int | None) -> None:
+    """Express a norm's gain (permuted) and bias (in the basis) for the planned basis of ``x``."""
+    scale = ctx.const(node.inputs[scale_index]) if len(node.inputs) > scale_index else None
+    if scale is not None and not np.all(scale == 1) and x.head_axis is None:
+        ctx.set_const(node, scale_index, apply_on_axis(ctx, scale, x, rank, "perm").reshape(scale.shape))
+    bias = ctx.const(node.inputs[bias_index]) if bias_index is not None and len(node.inputs) > bias_index else None
+    if bias is not None:
+        ctx.set_const(node, bias_index, apply_on_axis(ctx, bias, x, rank, "right").reshape(bias.shape))
+
+
 class FeatureNormRule(OpRule):
     """LayerNormalization, RMSNormalization, SimplifiedLayerNormalization over the last axis."""
 
@@ -38,38 +75,15 @@ class FeatureNormRule(OpRule):
             ctx.set(node.outputs[0], None)
             return
         scale = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
-        ones = scale is None or bool(np.all(scale == 1))
-        rms = node.op != "LayerNormalization"
-        if ones:
-            cls = BasisClass.ORTHOGONAL if rms else BasisClass.ONES_ORTHOGONAL
-            reason = ("RMS normalisation preserves only orthogonal bases" if rms else
-                      "layer normalisation preserves only orthogonal bases that map ones to ones")
-        elif x.head_axis is not None:
-            # One gain vector serves every head: the heads may differ only by a sign per
-            # coordinate pair (no permutation), which also commutes with a RoPE that follows.
-            cls = BasisClass.PAIR_SIGNS_HALF if rms else BasisClass.CLEAR
-            reason = ("a per-head norm's gain is shared by all heads and cannot be folded: a sign per "
-                      "coordinate pair is the strongest basis that commutes with norm, gain and RoPE")
-        else:
-            cls = BasisClass.SIGNED_PERMUTATION if rms else BasisClass.PERMUTATION
-            reason = "its gain cannot be folded into every consumer, so it must be permuted"
         bias = ctx.const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        if x.head_axis is not None and bias is not None and np.any(bias != 0):
-            cls, reason = BasisClass.CLEAR, "a per-head norm's bias is shared by all heads"
-        ctx.restrict(x, cls, node, reason)
+        restrict_for_norm(ctx, node, x, scale, bias, rms=node.op != "LayerNormalization")
         ctx.set(node.outputs[0], x)
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
         x = ctx.get(node.inputs[0])
         if not isinstance(x, Protected):
             return
-        rank = ctx.mg.rank(node.inputs[0])
-        scale = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if scale is not None and not np.all(scale == 1) and x.head_axis is None:
-            ctx.set_const(node, 1, apply_on_axis(ctx, scale, x, rank, "perm").reshape(scale.shape))
-        bias = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
-        if bias is not None:
-            ctx.set_const(node, 2, apply_on_axis(ctx, bias, x, rank, "right").reshape(bias.shape))
+        fold_norm_constants(ctx, node, x, ctx.mg.rank(node.inputs[0]), 1, 2)
 
 
 class BatchNormRule(OpRule):
