@@ -286,7 +286,17 @@ class SpaceTable:
         """Require ``a`` and ``b`` to be monomial with one shared permutation."""
         for ref in (a, b):
             self.restrict(ref, BasisClass.MONOMIAL, limit)
-        if self.child_sizes(a) or self.child_sizes(b) or is_pair_class(self.cls(a)) or is_pair_class(self.cls(b)):
+        ca, cb = self.child_sizes(a), self.child_sizes(b)
+        if ca or cb:  # split spaces: block i of one shares its permutation with block i of the other
+            if ca and not cb and not is_pair_class(self.cls(b)):
+                self.split(b, ca)
+            elif cb and not ca and not is_pair_class(self.cls(a)):
+                self.split(a, cb)
+            if self.child_sizes(a) == self.child_sizes(b):
+                for x, y in zip(self.root_leaf(a).children, self.root_leaf(b).children):
+                    self.link_permutation(Ref(x), Ref(y), limit)
+                return
+        if ca or cb or is_pair_class(self.cls(a)) or is_pair_class(self.cls(b)):
             self.clear(a, limit)
             self.clear(b, limit)
             return
@@ -307,7 +317,8 @@ class SpaceTable:
         """Split the space into a direct sum of blocks of ``sizes``; return the block refs.
 
         A space that is already split the same way returns its existing children; one split
-        differently, or one sharing a permutation with other spaces, becomes clear.
+        differently becomes clear. The spaces sharing its permutation are split alike, block ``i``
+        of each sharing one permutation.
         """
         root = self.find(ref)
         leaf = self.leaves[root.space]
@@ -320,8 +331,17 @@ class SpaceTable:
             return tuple(Ref(c, root.dual) for c in leaf.children)
         if len(sizes) == 1:
             return (root,)
-        if len(self.perm_group(root)) > 1:
-            self.clear(root, Limit("", "", "a permutation-linked space cannot be split"))
+        group = self.perm_group(root)
+        children = self._make_children(root.space, sizes)
+        for member in group:
+            if member != root.space:
+                for child, twin in zip(children, self._make_children(member, sizes)):
+                    self._perm_union(child, twin)
+        return tuple(Ref(c, root.dual) for c in children)
+
+    def _make_children(self, space: int, sizes: tuple[int, ...]) -> list[int]:
+        """Split the (unsplit) class root ``space`` into fresh blocks that inherit its class and limits."""
+        leaf = self.leaves[space]
         children = []
         for i, size in enumerate(sizes):
             child = self.new(f"{leaf.name}/{i}", size, leaf.origin)
@@ -331,7 +351,7 @@ class SpaceTable:
         leaf.children = tuple(children)
         leaf.split_by = Limit(self.current[0], self.current[1],
                               f"split into {len(sizes)} blocks (e.g. attention heads): the basis is block-diagonal")
-        return tuple(Ref(c, root.dual) for c in children)
+        return children
 
     def _clear_children(self, root: Ref, sizes: tuple[int, ...]) -> list[Ref]:
         out = []

@@ -300,16 +300,33 @@ def test_link_permutation_restricts_to_monomial_and_shares_the_perm_root():
     assert sorted(t.perm_group(a)) == sorted([a.space, b.space])
 
 
-def test_linked_space_cannot_be_split():
+def test_linked_spaces_split_alike():
+    """Splitting a space that shares its permutation splits its partners alike, block by block
+    (a SwiGLU hidden axis whose down projection is quantised in blocks along K)."""
     t = SpaceTable()
-    a, b = t.new("a", 4), t.new("b", 4)
+    a, b, other = t.new("a", 4), t.new("b", 4), t.new("other", 4)
+    t.restrict(b, C.PERMUTATION, L)
     t.link_permutation(a, b, L)
-    t.split(a, (2, 2))
-    assert all(t.cls(r) == C.CLEAR for r in t.expand((a,)))
+    blocks = t.split(a, (2, 2))
+    assert t.child_sizes(b) == (2, 2)
+    twins = t.expand((b,))
+    for block, twin in zip(blocks, twins):
+        assert t.perm_root(block) == t.perm_root(twin)
+        assert t.find(block) != t.find(twin)  # own scales
+    assert t.perm_root(blocks[0]) != t.perm_root(blocks[1]) != t.perm_root(other)
+    assert [t.cls(r) for r in blocks] == [C.MONOMIAL] * 2 and [t.cls(r) for r in twins] == [C.PERMUTATION] * 2
+    # linking after a split: the other space is split the same way, blocks linked pairwise
     c, d = t.new("c", 4), t.new("d", 4)
-    t.split(c, (2, 2))
+    t.split(c, (1, 3))
     t.link_permutation(c, d, L)
-    assert t.cls(d) == C.CLEAR and all(t.cls(r) == C.CLEAR for r in t.expand((c,)))
+    assert t.child_sizes(d) == (1, 3)
+    assert [t.perm_root(r) for r in t.expand((c,))] == [t.perm_root(r) for r in t.expand((d,))]
+    # differently split spaces cannot share a permutation
+    e, f = t.new("e", 4), t.new("f", 4)
+    t.split(e, (2, 2))
+    t.split(f, (1, 3))
+    t.link_permutation(e, f, L)
+    assert all(t.cls(r) == C.CLEAR for r in t.expand((e, f)))
 
 
 def test_union_keeps_the_permutation_group_when_the_new_root_is_older():

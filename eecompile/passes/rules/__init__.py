@@ -71,6 +71,7 @@ def _load_families() -> None:
         linear,
         norms,
         pooling,
+        quantized,
         reductions,
         rotary,
         shape,

@@ -1,0 +1,180 @@
+"""Block-quantised weights: com.microsoft MatMulNBits, folded exactly (the quantisation grid is kept).
+
+``MatMulNBits(A, B, scales[, zero_points][, g_idx][, bias])`` computes ``A @ W (+ bias)`` with the logical
+weight ``W[k, n] = (q[n, k] - zero_point[n, k // block_size]) * scales[n, k // block_size]``: ``B`` packs
+the ``bits``-wide integers ``q`` of each column ``n`` along K, ``block_size`` values per blob, low bits
+first; ``zero_points`` is packed the same way (uint8) or unpacked (float), default ``2^(bits-1)``.
+
+A dense basis change cannot be folded into such a weight without re-quantising it, which changes the
+function. What stays exact:
+
+* output axis N: each column is quantised on its own, so any permutation of the columns is exact, and a
+  nonzero scale per column folds into that column's block scales (float32 scales: rounding only; other
+  scale types: permutations only) — a monomial basis; ``bias`` follows as ``b' = b·T``.
+* input axis K: ``W' = T⁻¹·W`` moves rows of ``W``. A permutation inside one quantisation block keeps each
+  block's values, scale and zero point (only their order within the blob changes), and keeps the int8
+  quantisation of ``A`` that ``accuracy_level=4`` applies per block of the same size; a permutation across
+  blocks, a sign (``-(-8)`` leaves the 4-bit grid) or a scale do not. The input space is split at the block
+  boundaries and each block restricted to a permutation.
+
+``g_idx`` (act-order, deprecated) and prepacked weights (``weight_prepacked``) are not folded: the node
+clears what it touches. Re-quantising after a dense basis change (``--requantize`` in issue 10) is not
+done here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes.annotations import Annotation, Protected
+from eecompile.passes.basis import AxisBasis
+from eecompile.passes.context import AnalysisContext, FoldContext
+from eecompile.passes.rules import register
+from eecompile.passes.rules.base import OpRule
+from eecompile.passes.spaces import BasisClass
+
+MS_DOMAIN = "com.microsoft"
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The ``count`` unsigned ``bits``-wide integers packed along the last axis of a uint8 array, low bits first."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    values = (packed[..., :, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :count]
+
+
+def pack(values: np.ndarray, bits: int, nbytes: int) -> np.ndarray:
+    """Inverse of :func:`unpack`: ``values`` (last axis) into ``nbytes`` bytes each, zero-padded."""
+    per_byte = 8 // bits
+    padded = np.zeros((*values.shape[:-1], nbytes * per_byte), np.uint8)
+    padded[..., :values.shape[-1]] = values
+    grouped = padded.reshape(*values.shape[:-1], nbytes, per_byte).astype(np.uint16)
+    shifts = np.arange(per_byte, dtype=np.uint16) * bits
+    return (grouped << shifts).sum(axis=-1).astype(np.uint8)
+
+
+class MatMulNBitsRule(OpRule):
+    """com.microsoft MatMulNBits: permutations within quantisation blocks on K, monomial bases on N."""
+
+    op_types = ("MatMulNBits",)
+    domain = MS_DOMAIN
+
+    @staticmethod
+    def _params(node: gs.Node, ctx) -> tuple[int, int, int, int] | None:
+        """(K, N, bits, block_size) when the node can be folded exactly, else None."""
+        attrs = node.attrs
+        k, n, bits, block = (int(attrs.get(a, d)) for a, d in (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
+        if attrs.get("weight_prepacked", 0) or bits not in (2, 4, 8) or k <= 0 or n <= 0 or block <= 0:
+            return None
+        if len(node.inputs) > 4 and node.inputs[4].name:
+            return None  # g_idx: rows reordered across blocks
+        blocks = -(-k // block)
+        if ctx.const_shape(node.inputs[1]) != (n, blocks, block * bits // 8):
+            return None
+        scales = ctx.const_shape(node.inputs[2])
+        if scales is None or int(np.prod(scales)) != n * blocks:
+            return None
+        for index in (3, 5):  # zero points, bias: constants or absent
+            if len(node.inputs) > index and node.inputs[index].name and ctx.const_shape(node.inputs[index]) is None:
+                return None
+        return k, n, bits, block
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        params = self._params(node, ctx)
+        rank = ctx.rank(node.inputs[0])
+        if index == 0 and params is not None and rank:
+            return ctx.fresh(node, node.inputs[0], rank - 1, params[0])
+        return None
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        params = self._params(node, ctx)
+        a_t, y_t = node.inputs[0], node.outputs[0]
+        a = ctx.get(a_t)
+        ra, ry = ctx.rank(a_t), ctx.rank(y_t)
+        if params is None or ra is None or ry is None:
+            ctx.clear_all(node, "MatMulNBits with act-order g_idx, prepacked or non-constant weights, or unknown "
+                                "ranks: not folded")
+            return
+        k, n, bits, block = params
+        if a is not None:
+            if isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1 and ctx.axis_size(a) == k:
+                cuts = list(range(block, k, block)) + [k]
+                reason = (f"{bits}-bit weights quantised in blocks of {block} along K: only a permutation within "
+                          "each block keeps the quantisation grid exact (no re-quantisation)")
+                for ref in ctx.spaces.refine(a.refs, cuts):
+                    ctx.spaces.restrict(ref, BasisClass.PERMUTATION, ctx.limit(node, reason))
+            else:
+                ctx.clear(a, node, "protected axis is not MatMulNBits' contracted axis")
+        out = ctx.fresh(node, y_t, ry - 1, n)
+        scales = node.inputs[2]
+        if scales.dtype is not None and np.dtype(scales.dtype) == np.float32:
+            ctx.restrict(out, BasisClass.MONOMIAL, node, f"{bits}-bit quantised columns: a permutation of the "
+                         "columns and a scale per column (folded into its block scales) keep the weight exact")
+        else:
+            ctx.restrict(out, BasisClass.PERMUTATION, node, f"{bits}-bit quantised columns with non-float32 scales: "
+                         "only a permutation of the columns keeps the weight exact")
+        ctx.set(y_t, out)
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        params = self._params(node, ctx)
+        a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
+        if params is None:
+            return
+        k, n, bits, block = params
+        blocks = -(-k // block)
+        ra = ctx.mg.rank(node.inputs[0])
+        fold_in = isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1
+        fold_out = isinstance(y, Protected) and y.head_axis is None
+        rows = _index_map(ctx.axis_basis(a).dual(), block) if fold_in else None
+        cols, col_scale = _monomial(ctx.axis_basis(y)) if fold_out else (None, None)
+        if (rows is None or np.array_equal(rows, np.arange(k))) and cols is None:
+            return
+        raw = ctx.const(node.inputs[1])
+        q = unpack(raw.reshape(n, blocks * raw.shape[2]), bits, blocks * block)
+        if rows is not None:
+            q[:, :k] = q[:, rows]
+        scales = ctx.const(node.inputs[2])
+        zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        bias_t = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
+        if cols is not None:
+            q = q[cols]
+            shaped = scales.reshape(n, blocks).astype(np.float64)[cols] * col_scale[:, None]
+            ctx.set_const(node, 2, shaped.reshape(scales.shape))
+            if zp_t is not None:
+                zp = ctx.const(zp_t)
+                ctx.set_const(node, 3, zp.reshape(n, -1)[cols].reshape(zp.shape))
+            if bias_t is not None:
+                bias = ctx.const(bias_t)
+                ctx.set_const(node, 5, (bias.astype(np.float64)[cols] * col_scale).reshape(bias.shape))
+        packed = pack(q.reshape(n, blocks, block), bits, raw.shape[2])
+        ctx.set_const(node, 1, packed.reshape(raw.shape))
+
+
+def _index_map(basis: AxisBasis, block: int) -> np.ndarray:
+    """Global row order of a permutation basis whose blocks each lie inside one quantisation block."""
+    out, offset = [], 0
+    for b in basis.blocks:
+        if b.dense is not None or b.scale is not None:
+            raise AssertionError("MatMulNBits input basis is not a permutation")
+        if b.size and offset // block != (offset + b.size - 1) // block:
+            raise AssertionError("MatMulNBits input basis crosses a quantisation block")
+        out.append(b.index_map() + offset)
+        offset += b.size
+    return np.concatenate(out)
+
+
+def _monomial(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
+    """(source column, scale) of a monomial basis: ``(w @ T)[:, j] = w[:, perm[j]] * scale[j]``."""
+    perms, scales, offset = [], [], 0
+    for b in basis.blocks:
+        if b.dense is not None:
+            raise AssertionError("MatMulNBits output basis is not monomial")
+        perms.append(b.index_map() + offset)
+        scales.append(b.scale if b.scale is not None else np.ones(b.size))
+        offset += b.size
+    return np.concatenate(perms), np.concatenate(scales)
+
+
+register(MatMulNBitsRule())
