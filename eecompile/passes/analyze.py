@@ -21,6 +21,8 @@ from eecompile.passes.rules import SHAPE_ONLY_OPS, PatternInstance, patterns, ru
 from eecompile.passes.spaces import BasisClass, Limit
 
 STATE_INPUT = re.compile(r"(^|[._/])past(_key_values\b|_key\b|_value\b|[._/]\d)", re.IGNORECASE)
+POSITION_INPUT = re.compile(r"(^|[._/])(position_ids|positions?|cache_position|pos_ids)$", re.IGNORECASE)
+"""Position ids stay clear: they are public by design, and a server that generates computes them itself."""
 STATE_OUTPUT = re.compile(r"(^|[._/])present(_key_values\b|_key\b|_value\b|[._/]\d|[._/]key\b|[._/]value\b)",
                           re.IGNORECASE)
 
@@ -73,7 +75,12 @@ def analyze(mg: ModelGraph) -> Analysis:
                 break  # reads no values: leaves the input for a later consumer to bind
             if tensor.name in graph_inputs and tensor.name not in bound:
                 bound.add(tensor.name)
-                ctx.set(tensor, _bind(node, index, rule, ctx))
+                ann = _bind(node, index, rule, ctx)
+                if isinstance(ann, IndexValues) and POSITION_INPUT.search(tensor.name):
+                    ctx.spaces.clear(ann.ref, ctx.limit(node, "position ids are public: the server computes "
+                                                             "them when it generates"))
+                    ann = None
+                ctx.set(tensor, ann)
         if inst is not None:
             if node is inst.anchor:
                 inst.analyze(ctx)

@@ -121,3 +121,25 @@ def test_token_ids_reshaped_before_the_embedding_stay_permuted(rng, build, lint,
     assert report.protection("inputs", "input_ids").startswith("permuted index values")
     assert report.space("input_ids")["name"] == report.space("logits")["name"]  # vocabulary tie
     compile_exact(path, {"input_ids": rng.integers(0, vocab, (2, 4)).astype(np.int64)})
+
+
+def test_position_ids_stay_clear_even_through_a_reshape(rng, build, lint, compile_exact):
+    """Positions are public, and a generating server computes them itself: a learned position table read
+    through ``position_ids.view(-1, S)`` must not turn the positions into permuted index values."""
+    vocab, positions = 11, 16
+    nodes = [_shape_of("input_ids", 1, 2, "seq"),
+             helper.make_node("Concat", ["minus_one", "seq"], ["target"], name="cat", axis=0),
+             helper.make_node("Reshape", ["input_ids", "target"], ["ids2"], name="ids_view"),
+             helper.make_node("Reshape", ["position_ids", "target"], ["pos2"], name="pos_view"),
+             helper.make_node("Gather", ["E", "ids2"], ["tok"], name="wte"),
+             helper.make_node("Gather", ["P", "pos2"], ["pos"], name="wpe"),
+             helper.make_node("Add", ["tok", "pos"], ["h"], name="add"),
+             helper.make_node("MatMul", ["h", "W"], ["logits"], name="lm_head")]
+    path = build(nodes, [("input_ids", INT64, ["B", "S"]), ("position_ids", INT64, ["B", "S"])],
+                 [("logits", FLOAT, ["B", "S", vocab])],
+                 {"minus_one": np.array([-1]), "E": _f(rng, vocab, D), "P": _f(rng, positions, D), "W": _f(rng, D, vocab)})
+    report = lint(path)
+    assert report.protection("inputs", "position_ids") == "clear"
+    assert report.protection("inputs", "input_ids").startswith("permuted index values")
+    compile_exact(path, {"input_ids": rng.integers(0, vocab, (2, 4)).astype(np.int64),
+                         "position_ids": np.broadcast_to(np.arange(4), (2, 4)).astype(np.int64).copy()})
