@@ -24,9 +24,13 @@ def _restrict_pairs(ctx: AnalysisContext, refs, layout: BasisClass, node: gs.Nod
 
 
 class RotaryEmbeddingRule(OpRule):
-    """ONNX RotaryEmbedding (opset 23), full rotary dimension."""
+    """ONNX RotaryEmbedding (opset 23), full rotary dimension: ``(X, cos_cache, sin_cache[, position_ids])``."""
 
     op_types = ("RotaryEmbedding",)
+
+    def heads(self, node: gs.Node, ctx: AnalysisContext, hidden: int) -> int | None:
+        """Number of heads of a 3-D ``[B, S, H·D]`` input (the ``num_heads`` attribute)."""
+        return int(node.attrs["num_heads"]) if node.attrs.get("num_heads") else None
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
@@ -40,11 +44,11 @@ class RotaryEmbeddingRule(OpRule):
         if not isinstance(x, Protected):
             ctx.clear_all(node, "rotary embedding of a non-feature tensor", node.inputs[:1])
             return
+        heads = self.heads(node, ctx, ctx.axis_size(x)) if rank == 3 and x.head_axis is None else None
         if rank == 4 and x.head_axis == 1 and x.axis == 3:
             refs = x.refs
             out = x
-        elif rank == 3 and x.head_axis is None and x.axis == 2 and node.attrs.get("num_heads"):
-            heads = int(node.attrs["num_heads"])
+        elif rank == 3 and x.head_axis is None and x.axis == 2 and heads and ctx.axis_size(x) % heads == 0:
             size = ctx.axis_size(x)
             refs = ctx.spaces.refine(x.refs, [size // heads * (k + 1) for k in range(heads)])
             out = Protected(2, refs)
@@ -57,6 +61,31 @@ class RotaryEmbeddingRule(OpRule):
             return
         _restrict_pairs(ctx, refs, layout, node)
         ctx.set(y, out)
+
+
+class ContribRotaryEmbeddingRule(RotaryEmbeddingRule):
+    """ONNX Runtime's com.microsoft RotaryEmbedding: ``(input, position_ids, cos_cache, sin_cache)``.
+
+    ``input`` is ``[B, S, H·D]`` (heads from ``num_heads``, else ``hidden / (2·cos_cache.shape[1])``) or
+    ``[B, H, S, D]``; the rotation is the same as the ONNX op's, so the same complex scalar per head and
+    frequency pair commutes with it. Packed (ragged) batching and a custom ``scale`` are not followed.
+    """
+
+    domain = "com.microsoft"
+
+    def heads(self, node: gs.Node, ctx: AnalysisContext, hidden: int) -> int | None:
+        if node.attrs.get("num_heads"):
+            return int(node.attrs["num_heads"])
+        cos = ctx.shape(node.inputs[2]) if len(node.inputs) > 2 else None
+        if not cos or len(cos) != 2 or not isinstance(cos[1], int) or not cos[1] or hidden % (2 * cos[1]):
+            return None
+        return hidden // (2 * cos[1])
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        if node.attrs.get("is_packed_batching", 0) or float(node.attrs.get("scale", 1.0)) != 1.0:
+            ctx.clear_all(node, "rotary embedding with packed batching or a custom scale", node.inputs[:1])
+            return
+        super().analyze(node, ctx)
 
 
 def _producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -174,4 +203,5 @@ class RotateHalfPattern(Pattern):
 
 
 register(RotaryEmbeddingRule())
+register(ContribRotaryEmbeddingRule())
 register_pattern(RotateHalfPattern())

@@ -217,3 +217,59 @@ def test_rms_normalization_op_per_head_before_rope_never_crashes(rng, build, lin
     for t in ("q", "k"):
         assert report.space(t)["class"] == "pair-signs", report.space(t)
     compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+# -- ONNX Runtime's com.microsoft RotaryEmbedding: (input, position_ids, cos_cache, sin_cache) --------------
+
+MS = [("com.microsoft", 1)]
+
+
+def _contrib_rope_nodes(**attrs):
+    return [helper.make_node("RotaryEmbedding", ["qh", "position_ids", "cos_q", "sin_q"], ["qr"], name="rope_q",
+                             domain="com.microsoft", **attrs),
+            helper.make_node("RotaryEmbedding", ["kh", "position_ids", "cos_k", "sin_k"], ["kr"], name="rope_k",
+                             domain="com.microsoft", **attrs)]
+
+
+@pytest.mark.parametrize("interleaved", [0, 1], ids=["half", "interleaved"])
+def test_contrib_rotary_embedding_on_heads(interleaved, rng, build, lint, compile_exact):
+    """[B, H, S, D] input (BNSH), as the ONNX op: a complex scalar per head and frequency pair, K dual."""
+    nodes, inits = _attention(rng, _contrib_rope_nodes(interleaved=interleaved), _caches(rng))
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], inits, opset=21, extra_opsets=MS, check=False)
+    report = lint(path)
+    _assert_complex_pairs(path, report, "complex-pairs-interleaved" if interleaved else "complex-pairs")
+    assert not report["unsupported_ops"]
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+@pytest.mark.parametrize("num_heads", [True, False], ids=["num_heads", "heads-from-cache"])
+def test_contrib_rotary_embedding_on_flat_heads(num_heads, rng, build, lint, compile_exact):
+    """3-D [B, S, H·D] input; without ``num_heads`` the head size is twice the cache width."""
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("RotaryEmbedding", ["q", "position_ids", "cos_q", "sin_q"], ["qr"], name="rope_q",
+                              domain="com.microsoft", **({"num_heads": H} if num_heads else {})),
+             helper.make_node("MatMul", ["qr", "Wo"], ["y"], name="o_proj")]
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], {"Wq": _f(rng, D, D), "Wo": _f(rng, D, D), **{
+                     k: v for k, v in _caches(rng).items() if k.endswith("_q")}}, opset=21, extra_opsets=MS,
+                 check=False)
+    report = lint(path)
+    space = report.space("q")
+    assert space["basis"] == "complex-pairs" and space["blocks"] == H
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+@pytest.mark.parametrize("attrs,reason", [
+    ({"rotary_embedding_dim": HD // 2, "num_heads": H}, "partial rotary embedding"),
+    ({"scale": 0.5}, "rotary embedding with packed batching or a custom scale"),
+])
+def test_contrib_rotary_embedding_not_followed_clears(attrs, reason, rng, build, lint, compile_exact):
+    caches = _caches(rng, HD // 2) if "rotary_embedding_dim" in attrs else _caches(rng)
+    nodes, inits = _attention(rng, _contrib_rope_nodes(**attrs), caches)
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], inits, opset=21, extra_opsets=MS, check=False)
+    report = lint(path)
+    assert report.basis("q") == "clear" and report.basis("k") == "clear"
+    assert report.space("q")["limited_by"]["reason"] == reason
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
