@@ -288,21 +288,46 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     except ImportError:  # pragma: no cover - onnxruntime is a dependency
         return None
     outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
+    # Weights in external data are not loaded here and it would read some (an Add's bias) from the
+    # working directory: it sees them as typed inputs instead, and they are put back afterwards.
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    source = _external_as_inputs(model, external) if external else model
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-            inference._preprocess(model)
+            inference._preprocess(source)
             while inference.run_:
                 inference._infer_impl()
             inferred = inference.out_mp_
     except Exception:  # it asserts on ops it does not know
         return None
+    if external:
+        names = {t.name for t in external}
+        declared = {v.name for v in model.graph.input}
+        kept = [v for v in inferred.graph.input if v.name not in names or v.name in declared]
+        del inferred.graph.input[:]
+        inferred.graph.input.extend(kept)
+        inferred.graph.initializer.extend(external)
     del inferred.graph.output[:]
     inferred.graph.output.extend(outputs)
     kept = [v for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")]
     del inferred.graph.value_info[:]
     inferred.graph.value_info.extend(kept)
     return inferred
+
+
+def _external_as_inputs(model: onnx.ModelProto, external: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``external`` initializers are typed graph inputs (no data)."""
+    names = {t.name for t in external}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [t for t in copy.graph.initializer if t.name not in names]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    declared = {v.name for v in copy.graph.input}
+    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in external if t.name not in declared)
+    return copy
 
 
 class ModelGraph:

@@ -120,3 +120,31 @@ def test_server_models_are_checked_the_same_way(build, make_model):
     with pytest.raises(VerificationError, match="compiled model fails onnx.checker: No Op registered for "
                                                 "NoSuchNormalization"):
         check_structure(model)
+
+
+def test_shapes_are_inferred_past_external_weights_and_ort_ops(tmp_path, monkeypatch, make_model):
+    """ONNX Runtime's symbolic shape inference reads an Add's bias; with the weights in external data (not
+    loaded, and relative to the model, not the working directory) it still runs, and the weights stay."""
+    import onnx
+
+    from eecompile.passes.graph import ModelGraph, _symbolic_shapes, infer_shapes
+
+    bias = np.linspace(-1, 1, H).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "bias"], ["xb"], name="add"),
+             helper.make_node("SimplifiedLayerNormalization", ["xb", "g"], ["n"], name="sln", axis=-1, epsilon=1e-6),
+             helper.make_node("Relu", ["n"], ["y"], name="relu")]
+    model = make_model(nodes, [("x", FLOAT, ["B", "S", H])], [("y", FLOAT, ["B", "S", H])],
+                       {"bias": bias, "g": np.ones(H, np.float32)}, opset=22)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_model(folder / "m.onnx")
+    assert _symbolic_shapes(loaded) is not None
+    mg = ModelGraph(infer_shapes(loaded), folder)
+    assert mg.shape(mg.tensors["n"]) == ["B", "S", H]
+    assert [v.name for v in mg.graph.inputs] == ["x"]
+    np.testing.assert_array_equal(mg.const("bias"), bias)

@@ -104,6 +104,8 @@ class MatMulRule(OpRule):
             return
         a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
         ra, ry = ctx.mg.rank(node.inputs[0]), ctx.mg.rank(node.outputs[0])
+        if ra is None or ry is None:
+            return  # analysis cleared the node (unknown ranks)
         fold_in = isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1
         fold_out = isinstance(y, Protected) and y.head_axis is None and y.axis == ry - 1
         if not fold_in and not fold_out:
