@@ -23,6 +23,7 @@ from eecompile.passes.analyze import Analysis
 from eecompile.passes.annotations import IndexValues, Protected
 from eecompile.passes.normalize import NormalizeResult
 from eecompile.passes.plan import describe
+from eecompile.passes.rules.quantized import quantized_weight_policies
 from eecompile.passes.spaces import BasisClass, Ref
 
 BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "complex-pairs", "pair-rotations",
@@ -149,6 +150,7 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
                         f"{', '.join(normalized.transposes_folded)})")
     if normalized.clones:
         policies.append(f"{normalized.clones} shared initializer uses cloned so each can be folded on its own")
+    policies.extend(quantized_weight_policies(analysis.mg, analysis.ctx))
     return {
         "model": model_name,
         "warnings": _warnings(analysis, io),

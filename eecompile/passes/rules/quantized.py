@@ -177,4 +177,26 @@ def _monomial(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(perms), np.concatenate(scales)
 
 
+def quantized_weight_policies(mg, ctx) -> list[str]:
+    """Report lines: which option each quantised weight got (the exact one, or left clear)."""
+    nodes = [n for n in mg.nodes if n.op == "MatMulNBits" and (n.domain or "") == MS_DOMAIN]
+    if not nodes:
+        return []
+    kept = [n.name for n in nodes if MatMulNBitsRule._params(n, ctx) is not None]
+    lines = []
+    if kept:
+        lines.append(f"quantised weights kept on their grid (exact, no re-quantisation) in {len(kept)} MatMulNBits "
+                     "node(s): output columns permuted and scaled into the block scales, input rows permuted only "
+                     f"within a quantisation block ({_names(kept)})")
+    left = [n.name for n in nodes if n.name not in set(kept)]
+    if left:
+        lines.append(f"quantised weights not folded (act-order g_idx or prepacked) in {len(left)} MatMulNBits "
+                     f"node(s), their spaces clear: {_names(left)}")
+    return lines
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 register(MatMulNBitsRule())

@@ -115,6 +115,8 @@ def test_matmulnbits_bases_and_exactness(bits, accuracy, zp, bias, rng, build, l
     assert z["basis"] == "permutation" and z["blocks"] == 2
     assert report.basis("y") == "monomial"
     assert report.basis("x") == "invertible"
+    assert any(p.startswith("quantised weights kept on their grid (exact, no re-quantisation) in 2 MatMulNBits")
+               for p in report["policies"]), report["policies"]
     compile_exact(path, [{"x": _f(rng, 2, 3, 6)}, {"x": _f(rng, 1, 3, 6)}])
 
 
@@ -147,6 +149,8 @@ def test_prepacked_weights_are_left_clear(rng, build, lint):
                  [("y", FLOAT, ["B", n])], {**inits, "W0": _f(rng, 4, k)}, opset=21, extra_opsets=MS, check=False)
     report = lint(path)
     assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "q"
+    assert "quantised weights not folded (act-order g_idx or prepacked) in 1 MatMulNBits node(s), their spaces " \
+           "clear: q" in report["policies"]
 
 
 def test_swiglu_into_a_quantised_down_projection(rng, build, lint, compile_exact):
