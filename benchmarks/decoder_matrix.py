@@ -115,10 +115,6 @@ def relative_error(expected: Any, actual: Any) -> float:
     return err / scale if scale > 0 else err
 
 
-def _past_name(present: str) -> str:
-    return present.replace("present", "past_key_values", 1)
-
-
 # --- exactness --------------------------------------------------------------------------
 
 
@@ -133,6 +129,7 @@ def measure_exactness(model: Path, out_dir: Path, dims: dict[str, int], seed: in
     import numpy as np
     import onnxruntime as ort
 
+    from eecompile.models.hf_decoders import past_name
     from eecompile.runtime.session import EncryptedSession
 
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -162,8 +159,8 @@ def measure_exactness(model: Path, out_dir: Path, dims: dict[str, int], seed: in
         common = {"input_ids": ids, "attention_mask": np.ones((batch, past + 1), np.int64)}
         if "position_ids" in feeds:
             common["position_ids"] = np.full((batch, 1), past, np.int64)
-        plain_feeds = {**common, **{_past_name(n): plain[n] for n in names if n.startswith("present")}}
-        enc_feeds = {**common, **{_past_name(n): cipher[n] for n in names if n.startswith("present")}}
+        plain_feeds = {**common, **{past_name(n): plain[n] for n in names if n.startswith("present")}}
+        enc_feeds = {**common, **{past_name(n): cipher[n] for n in names if n.startswith("present")}}
     return {"batch": batch, "steps": steps, "max_rel_err": max(s["max_rel_err"] for s in steps),
             "present_equal_plain": equal_present, "decode_steps": len(steps) - 1}
 
@@ -326,43 +323,10 @@ GREEDY_PROMPT = [1, 5, 17, 42, 99, 200, 7]
 GREEDY_TOKENS = 16
 
 
-def reference_greedy(model: Path, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding of the original ``model`` with plain onnxruntime, batch 1 (independent of eecompile)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    presents = [x for x in names if x.startswith("present")]
-    seq, ids, past, cache, out = list(prompt), np.array([prompt], np.int64), 0, None, []
-    for _ in range(n):
-        feeds: dict[str, Any] = {}
-        for spec in sess.get_inputs():
-            if spec.name == "input_ids":
-                feeds[spec.name] = ids
-            elif spec.name == "attention_mask":
-                feeds[spec.name] = np.ones((1, past + ids.shape[1]), np.int64)
-            elif spec.name == "position_ids":
-                feeds[spec.name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
-            elif cache is not None:
-                feeds[spec.name] = cache[spec.name]
-            else:
-                feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
-        res = dict(zip(names, sess.run(names, feeds)))
-        nxt = int(np.argmax(res["logits"][0, -1]))
-        out.append(nxt)
-        seq.append(nxt)
-        if presents:
-            past += ids.shape[1]
-            cache = {_past_name(x): res[x] for x in presents}
-            ids = np.array([[nxt]], np.int64)
-        else:
-            ids = np.array([seq], np.int64)
-    return out
-
-
 def measure_generation(model: Path, out_dir: Path) -> dict[str, Any]:
     """``eecompile generate`` (greedy, 16 tokens) on the compiled model vs :func:`reference_greedy` on the original."""
+    from eecompile.models.hf_decoders import reference_greedy
+
     expected = reference_greedy(model, GREEDY_PROMPT, GREEDY_TOKENS)
     proc = subprocess.run([sys.executable, "-m", "eecompile", "generate", str(out_dir), "--prompt-ids",
                            ",".join(map(str, GREEDY_PROMPT)), "--max-new-tokens", str(GREEDY_TOKENS),

@@ -429,3 +429,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def reference_greedy(model: Path, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding of the original ``model`` with plain onnxruntime, batch 1 (independent of eecompile)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    presents = [x for x in names if x.startswith("present")]
+    seq, ids, past, cache, out = list(prompt), np.array([prompt], np.int64), 0, None, []
+    for _ in range(n):
+        feeds: dict[str, Any] = {}
+        for spec in sess.get_inputs():
+            if spec.name == "input_ids":
+                feeds[spec.name] = ids
+            elif spec.name == "attention_mask":
+                feeds[spec.name] = np.ones((1, past + ids.shape[1]), np.int64)
+            elif spec.name == "position_ids":
+                feeds[spec.name] = np.arange(past, past + ids.shape[1], dtype=np.int64)[None]
+            elif cache is not None:
+                feeds[spec.name] = cache[spec.name]
+            else:
+                feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
+        res = dict(zip(names, sess.run(names, feeds)))
+        nxt = int(np.argmax(res["logits"][0, -1]))
+        out.append(nxt)
+        seq.append(nxt)
+        if presents:
+            past += ids.shape[1]
+            cache = {past_name(x): res[x] for x in presents}
+            ids = np.array([[nxt]], np.int64)
+        else:
+            ids = np.array([seq], np.int64)
+    return out
+
+
+def past_name(present: str) -> str:
+    """The cache input an exported decoder takes for one of its ``present.*`` outputs (optimum naming)."""
+    return present.replace("present", "past_key_values", 1)

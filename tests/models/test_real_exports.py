@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from eecompile.models import hf_decoders as hd
+from eecompile.models.hf_decoders import past_name, reference_greedy
 
 ARCHS = ("llama", "phi3", "qwen3")
 EXPORTERS = ("optimum", "dynamo20")
@@ -152,9 +153,6 @@ def _rel(expected: np.ndarray, actual: np.ndarray) -> float:
     return err / scale if scale > 0 else err
 
 
-def _past(present: str) -> str:
-    return present.replace("present", "past_key_values", 1)
-
 
 def _plain_session(path: Path):
     import onnxruntime as ort
@@ -242,8 +240,8 @@ def _decode_run(cell: Cell) -> list[dict]:
             cipher = dict(zip(names, enc.run(names, _feeds(ref, ids, past, cipher_cache))))
             runs.append({"label": f"step {step} (past {past})", "plain": plain, "cipher": cipher})
             past += ids.shape[1]
-            plain_cache = {_past(n): plain[n] for n in presents}
-            cipher_cache = {_past(n): cipher[n] for n in presents}
+            plain_cache = {past_name(n): plain[n] for n in presents}
+            cipher_cache = {past_name(n): cipher[n] for n in presents}
             ids = rng.integers(0, hd.VOCAB, size=(2, 1), dtype=np.int64)
     cell.runs = runs
     return runs
@@ -314,33 +312,12 @@ def test_no_plaintext_intermediates_or_kv_cache(real_exports, arch, exporter):
 # --- greedy generation ------------------------------------------------------------------
 
 
-def _reference_greedy(model: Path, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding of the original model with plain onnxruntime (cache fed back, or the whole sequence re-run)."""
-    sess = _plain_session(model)
-    names = [o.name for o in sess.get_outputs()]
-    presents = [x for x in names if x.startswith("present")]
-    ids, cache, past, out = np.array([prompt], np.int64), None, 0, []
-    seq = list(prompt)
-    for _ in range(n):
-        res = dict(zip(names, sess.run(names, _feeds(sess, ids, past, cache))))
-        nxt = int(np.argmax(res["logits"][0, -1]))
-        out.append(nxt)
-        seq.append(nxt)
-        if presents:
-            past += ids.shape[1]
-            cache = {_past(x): res[x] for x in presents}
-            ids = np.array([[nxt]], np.int64)
-        else:
-            ids = np.array([seq], np.int64)
-    return out
-
-
 @pytest.mark.parametrize("arch,exporter", CELLS, ids=_ids(CELLS))
 def test_greedy_generation_identical(real_exports, arch, exporter):
     from eecompile.runtime.generate import EncryptedGenerator, PlainGenerator
 
     cell = real_exports.cell(arch, exporter)
-    expected = _reference_greedy(cell.model, PROMPT, NEW_TOKENS)
+    expected = reference_greedy(cell.model, PROMPT, NEW_TOKENS)
     plain = PlainGenerator(cell.model, "cpu").generate(PROMPT, NEW_TOKENS)
     enc = EncryptedGenerator(cell.out, "cpu").generate(PROMPT, NEW_TOKENS)
     assert plain.plain_ids == expected
@@ -356,7 +333,7 @@ def test_cli_generate_matches_plaintext(real_exports, arch, exporter, capsys):
     from eecompile.cli import main
 
     cell = real_exports.cell(arch, exporter)
-    expected = _reference_greedy(cell.model, PROMPT, NEW_TOKENS)
+    expected = reference_greedy(cell.model, PROMPT, NEW_TOKENS)
     capsys.readouterr()
     code = main(["generate", str(cell.out), "--prompt-ids", ",".join(map(str, PROMPT)),
                  "--max-new-tokens", str(NEW_TOKENS), "--provider", "cpu"])
