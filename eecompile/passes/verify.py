@@ -9,7 +9,9 @@ shared by several inputs keeps one value; batch, sequence and past-sequence symb
 recognised by name (``batch_size``, ``sequence_length``, ``past_sequence_length``,
 ``total_sequence_length``, expressions such as ``past_sequence_length + 1``) or by where
 they occur (a non-batch symbol of a ``past*`` cache input is a past length; an attention
-mask's own symbol is past + sequence); position ids count on from the past length. A few
+mask's own symbol is past + sequence); position ids count on from the past length. A symbol
+naming a model dimension (``kv_cache_dim``, ``head_size``) is static: its value comes from
+``shapes`` or the ``head_size`` of a ``genai_config.json`` beside the model. A few
 assignments are tried until the original model runs; ``shapes`` (the CLI's
 ``--verify-shapes``) fixes symbols or roles, ``feeds_list`` (``--verify-feeds``) gives the
 inputs outright. With a KV cache, the check runs a prefill and then one decode step with
@@ -80,6 +82,8 @@ CANDIDATES: tuple[dict[str, int], ...] = (
 """Role values tried in order until the original model runs (past 0 last: a non-empty cache first)."""
 
 _STATE_INPUT = re.compile(r"(^|[._/])past", re.IGNORECASE)
+_STATIC_DIM = re.compile(r"(^|_)dim$|head_?size|head_?dim", re.IGNORECASE)
+"""A symbol naming a model dimension, not a length (ONNX Runtime GenAI's ``kv_cache_dim``: the head size)."""
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
         ast.Div: operator.floordiv, ast.Mod: operator.mod}
@@ -128,7 +132,11 @@ def _inputs(session) -> list[tuple[str, str, list]]:
 
 
 def symbol_roles(inputs: list[tuple[str, str, list]]) -> dict[str, str]:
-    """Role of every symbolic dim of the inputs: batch, seq, past, total or expr (see module docstring)."""
+    """Role of every symbolic dim of the inputs: batch, seq, past, total, expr or static (see module docstring).
+
+    A ``static`` symbol (``kv_cache_dim``, ``head_size``) is a model dimension: it takes a value only from
+    the given shapes or a ``genai_config.json`` beside the model (:func:`config_shapes`).
+    """
     occurrences: dict[str, list[tuple[str, int]]] = {}
     for name, _, shape in inputs:
         for axis, d in enumerate(shape):
@@ -140,7 +148,7 @@ def symbol_roles(inputs: list[tuple[str, str, list]]) -> dict[str, str]:
         if _is_expr(symbol):
             roles[symbol] = "expr"
             continue
-        role = _name_role(symbol)
+        role = "static" if _STATIC_DIM.search(symbol) else _name_role(symbol)
         if role is None:
             if any(_STATE_INPUT.search(n) and axis != 0 for n, axis in where):
                 role = "past"
@@ -177,6 +185,22 @@ def assign(roles: dict[str, str], values: dict[str, int], fixed: dict[str, int] 
                 return None
             out[symbol] = value
     return out
+
+
+def config_shapes(model_path: str | Path, roles: dict[str, str]) -> dict[str, int]:
+    """Values of ``static`` symbols from an ONNX Runtime GenAI ``genai_config.json`` beside the model:
+    the decoder's ``head_size`` (its KV cache is ``[batch, kv_heads, length, kv_cache_dim]``)."""
+    import json
+
+    statics = [s for s, r in roles.items() if r == "static"]
+    config = Path(model_path).parent / "genai_config.json"
+    if not statics or not config.is_file():
+        return {}
+    try:
+        head = int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {s: head for s in statics}
 
 
 def _role_value(symbol: str, values: dict[str, int]) -> int:
@@ -392,6 +416,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
                                              "bases are not available to encrypt it")
     else:
         plans, error = None, None
+        shapes = {**config_shapes(original, symbol_roles(_inputs(ref))), **(shapes or {})}
         candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state)
         for symbols in candidates:
             feeds = feeds_for(ref, symbols, seeds[0], index_sizes)

@@ -334,3 +334,22 @@ def test_decode_step_with_optimum_dim_names(tmp_path):
     v = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out").verification
     assert v.checked and v.decode_checked, v.detail
     assert v.feeds[0]["attention_mask"].shape == (2, 5) and v.feeds[0]["past_key"].shape == (2, 2, 6)
+
+
+def test_model_dimension_symbols_are_static_and_read_from_genai_config(tmp_path):
+    """ONNX Runtime GenAI's KV cache is [batch, kv_heads, past_sequence_length, kv_cache_dim]: kv_cache_dim is
+    the head size (from genai_config.json), not a past length."""
+    from eecompile.passes.verify import config_shapes
+
+    inputs = _inputs(("input_ids", ["batch_size", "sequence_length"]),
+                     ("attention_mask", ["batch_size", "total_sequence_length"]),
+                     ("past_key_values.0.key", ["batch_size", 2, "past_sequence_length", "kv_cache_dim"]))
+    roles = symbol_roles(inputs)
+    assert roles["kv_cache_dim"] == "static" and roles["past_sequence_length"] == "past"
+    assert config_shapes(tmp_path / "model.onnx", roles) == {}
+    (tmp_path / "genai_config.json").write_text('{"model": {"decoder": {"head_size": 16}}}')
+    hints = config_shapes(tmp_path / "model.onnx", roles)
+    assert hints == {"kv_cache_dim": 16}
+    symbols = assign(roles, {"batch": 2, "seq": 3, "past": 2}, hints)
+    assert symbols == {"batch_size": 2, "sequence_length": 3, "total_sequence_length": 5,
+                       "past_sequence_length": 2, "kv_cache_dim": 16}

@@ -117,6 +117,7 @@ def test_matmulnbits_bases_and_exactness(bits, accuracy, zp, bias, rng, build, l
     assert report.basis("x") == "invertible"
     assert any(p.startswith("quantised weights kept on their grid (exact, no re-quantisation) in 2 MatMulNBits")
                for p in report["policies"]), report["policies"]
+    assert any("int8 (accuracy_level 4)" in p for p in report["policies"]) == (accuracy == 4)
     compile_exact(path, [{"x": _f(rng, 2, 3, 6)}, {"x": _f(rng, 1, 3, 6)}])
 
 
