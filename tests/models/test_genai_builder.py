@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import eecompile
+from eecompile.keys import MasterKey
 from eecompile.models import hf_decoders as hd
 
 pytest.importorskip("onnxruntime_genai")
@@ -53,11 +54,13 @@ def _build(checkpoint: Path, out: Path, precision: str) -> Path:
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_builder_output_compiles_exactly(precision, llama_checkpoint, tmp_path):
     model = _build(llama_checkpoint, tmp_path / precision, precision)
-    config = json.loads((model.parent / "genai_config.json").read_text())
-    head_size = config["model"]["decoder"]["head_size"]
-    result = eecompile.compile_model(model, eecompile.generate_key(), tmp_path / "out",
-                                     verify_shapes={"kv_cache_dim": head_size})
+    head_size = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    # A fixed key: int4 MatMulNBits quantise activations to int8 (accuracy_level 4), so a rounding difference
+    # crossing an int8 step can move an output by ~1e-2 for some keys and inputs (the report says so).
+    key = MasterKey(bytes(range(32)))
+    result = eecompile.compile_model(model, key, tmp_path / "out")  # kv_cache_dim from genai_config.json
     report = result.report
+    assert f"kv_cache_dim={head_size}" in report["verification"]["detail"]
     assert report["verification"]["checked"] and report["verification"]["max_relative_error"] <= 1e-5
     assert report["validity"].startswith("onnx.checker + ONNX Runtime op registry (ops onnx.checker does not "
                                          "know: SimplifiedLayerNormalization, com.microsoft::GroupQueryAttention")
@@ -70,4 +73,5 @@ def test_builder_output_compiles_exactly(precision, llama_checkpoint, tmp_path):
     else:
         assert residual["basis"] == "permutation" and residual["blocks"] == hd.HIDDEN // 32  # int4 blocks of 32
         assert any(p.startswith("quantised weights kept on their grid") for p in report["policies"])
+        assert any("int8 (accuracy_level 4)" in p for p in report["policies"])
     assert next(o for o in report["outputs"] if o["name"] == "logits")["protection"] != "clear"
