@@ -118,7 +118,10 @@ def test_matmulnbits_bases_and_exactness(bits, accuracy, zp, bias, rng, build, l
     assert any(p.startswith("quantised weights kept on their grid (exact, no re-quantisation) in 2 MatMulNBits")
                for p in report["policies"]), report["policies"]
     assert any("int8 (accuracy_level 4)" in p for p in report["policies"]) == (accuracy == 4)
-    compile_exact(path, [{"x": _f(rng, 2, 3, 6)}, {"x": _f(rng, 1, 3, 6)}])
+    result = compile_exact(path, [{"x": _f(rng, 2, 3, 6)}, {"x": _f(rng, 1, 3, 6)}])
+    # the compile-time check runs int8-activation nodes with float activations (both models)
+    assert ("2 MatMulNBits node(s) compared with float activations" in result.report["verification"]["detail"]) \
+        == (accuracy == 4)
 
 
 def test_partial_last_block(rng, build, lint, compile_exact):
