@@ -276,58 +276,69 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
+SHAPE_VALUE_ELEMENTS = 4096
+"""Initializers up to this size keep their values for symbolic inference (shape arithmetic reads them)."""
+
+
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX Runtime's symbolic shape inference (auto-merging symbols), or None when it fails.
 
-    Shapes it could not infer are kept partial rather than discarded (its public entry point
-    raises, and writes a file into the working directory, when any shape is left unknown).
-    The declared graph outputs keep their own types; value_info without a shape is dropped.
+    It runs on a slim copy — weights larger than :data:`SHAPE_VALUE_ELEMENTS` (and every external
+    one, which it would otherwise try to read from the working directory) become typed graph
+    inputs without data — so memory never holds the weights twice; the shapes it finds are then
+    written into ``model``'s value_info. Shapes it could not infer are kept partial (its public
+    entry point raises, and writes a file into the working directory, when any is left unknown);
+    the declared graph outputs keep their own types; value_info without a shape is dropped.
     """
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     except ImportError:  # pragma: no cover - onnxruntime is a dependency
         return None
-    outputs = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output]
-    # Weights in external data are not loaded here and it would read some (an Add's bias) from the
-    # working directory: it sees them as typed inputs instead, and they are put back afterwards.
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    source = _external_as_inputs(model, external) if external else model
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
-            inference._preprocess(source)
+            inference._preprocess(_slim_copy(model))
             while inference.run_:
                 inference._infer_impl()
             inferred = inference.out_mp_
     except Exception:  # it asserts on ops it does not know
         return None
-    if external:
-        names = {t.name for t in external}
-        declared = {v.name for v in model.graph.input}
-        kept = [v for v in inferred.graph.input if v.name not in names or v.name in declared]
-        del inferred.graph.input[:]
-        inferred.graph.input.extend(kept)
-        inferred.graph.initializer.extend(external)
-    del inferred.graph.output[:]
-    inferred.graph.output.extend(outputs)
-    kept = [v for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")]
-    del inferred.graph.value_info[:]
-    inferred.graph.value_info.extend(kept)
-    return inferred
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [v for v in inferred.graph.value_info
+            if v.type.tensor_type.HasField("shape") and v.name not in initializers]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    return model
 
 
-def _external_as_inputs(model: onnx.ModelProto, external: list[onnx.TensorProto]) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``external`` initializers are typed graph inputs (no data)."""
-    names = {t.name for t in external}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    kept = [t for t in copy.graph.initializer if t.name not in names]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(kept)
-    declared = {v.name for v in copy.graph.input}
-    copy.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                            for t in external if t.name not in declared)
-    return copy
+def _slim_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the data of its large or external initializers (they become typed inputs)."""
+    slim = onnx.ModelProto()
+    graph = model.graph
+    big = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+           or int(np.prod(t.dims, dtype=np.int64)) > SHAPE_VALUE_ELEMENTS]
+    big_names = {t.name for t in big}
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(slim, field, value)
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            slim.graph.initializer.extend(t for t in value if t.name not in big_names)
+        else:
+            _copy_field(slim.graph, field, value)
+    declared = {v.name for v in graph.input}
+    slim.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                            for t in big if t.name not in declared)
+    return slim
+
+
+def _copy_field(target, field, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, field.name).extend(value)
+    elif hasattr(value, "CopyFrom"):  # a message
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 class ModelGraph:
