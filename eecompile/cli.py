@@ -75,6 +75,12 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 # -- commands ----------------------------------------------------------------------------
+def _first_nodes(nodes: list[tuple[str, str]], more_hint: str = "", limit: int = 5) -> str:
+    """``name (Op), ...`` for the first ``limit`` nodes, then ``and N more``."""
+    names = ", ".join(f"{name} ({op})" for name, op in nodes[:limit])
+    return names + (f" and {len(nodes) - limit} more{more_hint}" if len(nodes) > limit else "")
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from eecompile.errors import KeyFileError
     from eecompile.keys import generate_key, save_key
@@ -164,9 +170,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             print(f"    {io['name']}: {io['protection']}")
     unsupported = report.get("unsupported_ops", [])
     if unsupported:
-        names = ", ".join(f"{u['node'] or '<unnamed>'} ({u['op_type']})" for u in unsupported[:5])
-        more = f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else ""
-        print(f"  ops without a rule (their spaces stay clear): {names}{more}")
+        names = _first_nodes([(u["node"] or "<unnamed>", u["op_type"]) for u in unsupported])
+        print(f"  ops without a rule (their spaces stay clear): {names}")
     v = result.verification
     if v.checked:
         print(f"  verification: passed ({v.detail})")
@@ -177,9 +182,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"  {exposure_line(exposure)}")
         exposed = exposure.get("exposed", [])
         if exposed:
-            names = ", ".join(f"{e['node'] or e['tensor']} ({e['op_type']})" for e in exposed[:5])
-            more = f" and {len(exposed) - 5} more (report.json lists them)" if len(exposed) > 5 else ""
-            print(f"    exposed: {names}{more}")
+            names = _first_nodes([(e["node"] or e["tensor"], e["op_type"]) for e in exposed], " (report.json lists them)")
+            print(f"    exposed: {names}")
     print(f"  server model:  {result.server_model}  (the server folder is all the server needs)")
     print(f"  client bundle: {result.client_dir}/  (keep it on the client side)")
     if tokenizer:
