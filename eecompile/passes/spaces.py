@@ -57,7 +57,6 @@ _PROPS: dict[BasisClass, tuple[bool, int, bool]] = {
     BasisClass.PERMUTATION: (False, 1, True),
 }
 _BY_PROPS = {v: k for k, v in _PROPS.items()}
-_COMPLEX = (BasisClass.COMPLEX_HALF, BasisClass.COMPLEX_INTERLEAVED)
 
 # Classes acting on RoPE frequency pairs as one complex scalar r·e^{iθ} per pair, as a
 # product lattice: modulus (0: any r, 1: r = 1) × angle (0: any θ, 1: a quarter turn, 2: 0 or

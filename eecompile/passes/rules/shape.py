@@ -222,14 +222,8 @@ class ReshapeRule(OpRule):
         ctx.set(y, result)
 
 
-def _int_values(ctx: AnalysisContext, tensor: gs.Tensor) -> list[int | None] | None:
-    """A 1-D integer input's values where they are known constants (also when computed from shapes)."""
-    values = ctx.dim_values(tensor)
-    return None if values is None else [dims.as_int(v) for v in values]
-
-
 def _slice_params(node: gs.Node, ctx: AnalysisContext):
-    starts, ends = _int_values(ctx, node.inputs[1]), _int_values(ctx, node.inputs[2])
+    starts, ends = ctx.partial_values(node.inputs[1]), ctx.partial_values(node.inputs[2])
     axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
     steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
     return starts, ends, axes, steps
