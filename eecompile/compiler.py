@@ -19,6 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile import staging
 from eecompile.errors import ModelFileError, OutputDirError
+from eecompile.genai import write_server_config
 from eecompile.keys import MasterKey, load_key
 from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.fold import fold
@@ -249,6 +250,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         store.close()
         scratch.unlink(missing_ok=True)
         server_validity = check_structure(server_model, server_path)
+        write_server_config(model_path, new / "server", Client(boundary))  # onnxruntime-genai folders only
         client = Client(boundary, model_id(new / "server"))
         client.save(new / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_value_types(server_model.graph.input),

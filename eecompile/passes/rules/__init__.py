@@ -65,6 +65,7 @@ def unregistered(op_type: str, domain: str = "") -> Iterator[None]:
 def _load_families() -> None:
     from eecompile.passes.rules import (  # noqa: F401  (registration side effects)
         attention,
+        contrib_attention,
         contrib_norms,
         elementwise,
         embedding,

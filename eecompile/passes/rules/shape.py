@@ -155,11 +155,22 @@ def reshape_annotation(ctx: AnalysisContext, x: Protected, din: Dims, dout: Dims
                     and _aligned(din, a, dout, b) and _aligned(din, a + 1, dout, b + 2)):
                 blocks = ctx.spaces.refine(x.refs, [width * (k + 1) for k in range(heads)])
                 return Protected(b + 1, blocks, head_axis=b)
+            width = dims.as_int(dout[b + 1]) if b + 1 < len(dout) else None
+            heads = n // width if width and n % width == 0 else 0
+            if (heads > 1 and a >= 1 and dims.equal(dout[b], dims.product([din[a - 1], heads]))
+                    and _aligned(din, a - 1, dout, b) and _aligned(din, a + 1, dout, b + 2)):
+                # [.., S, H·d] -> [.., S·H, d]: split into heads and merge the axis before them in one step
+                blocks = ctx.spaces.refine(x.refs, [width * (k + 1) for k in range(heads)])
+                return Protected(b + 1, blocks, head_axis=b, head_tiled=True)
         else:
             heads = len(x.refs)
             if (h == a - 1 and not x.head_tiled and dims.equal(din[h], heads) and dims.equal(dout[b], heads * n)
                     and _aligned(din, h, dout, b) and _aligned(din, a + 1, dout, b + 1)):
                 return Protected(b, tuple(x.refs))
+            if (h == a - 1 and x.head_tiled and b >= 1 and dims.equal(dout[b], heads * n)
+                    and dims.equal(din[h], dims.product([dout[b - 1], heads]))
+                    and _aligned(din, h, dout, b - 1) and _aligned(din, a + 1, dout, b + 1)):
+                return Protected(b, tuple(x.refs))  # [.., S·H, d] -> [.., S, H·d]: untile and merge heads
     if h is None:
         return False
     head_to = feat_to = None
