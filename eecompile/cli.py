@@ -144,6 +144,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     key = load_key(keyfile, allow_insecure=args.allow_insecure_key)
     _check_inputs_survive(model, keyfile, out)
     tokenizer = getattr(args, "tokenizer", None)
+    if not tokenizer:
+        from eecompile.genai import source_tokenizer
+
+        found = source_tokenizer(model)  # a model-builder folder ships its tokenizer: the client gets it encrypted
+        tokenizer = str(found) if found is not None else None
     if tokenizer:
         from eecompile.runtime.tokenizer import check_tokenizer_fits
 
@@ -185,6 +190,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             names = _first_nodes([(e["node"] or e["tensor"], e["op_type"]) for e in exposed], " (report.json lists them)")
             print(f"    exposed: {names}")
     print(f"  server model:  {result.server_model}  (the server folder is all the server needs)")
+    if (result.server_model.parent / "genai_config.json").is_file():
+        print(f"  genai config:  {result.server_model.parent / 'genai_config.json'}  (onnxruntime-genai's og.Model "
+              "loads the server folder as it is; its special token ids are the server's)")
     print(f"  client bundle: {result.client_dir}/  (keep it on the client side)")
     if tokenizer:
         print(f"  tokenizer:     {result.client_dir / 'tokenizer.json'}  (encrypted: its ids are the model's "
@@ -247,13 +255,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.max_context is not None and args.max_context < 1:
         raise UsageError(f"--max-context must be >= 1, got {args.max_context}")
-    generator = EncryptedGenerator(args.out_dir, args.provider, max_positions=args.max_context)
     if args.prompt is not None:
         prompt = args.prompt
     else:
         prompt = _parse_ids(args.prompt_ids)
         if not prompt:
             raise UsageError("--prompt-ids is empty")
+    if args.runtime == "genai":
+        return _generate_genai(args, prompt)
+    generator = EncryptedGenerator(args.out_dir, args.provider, max_positions=args.max_context)
     result = generator.generate(prompt, args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 add_special_tokens=not args.no_special_tokens)
@@ -266,6 +276,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))} "
               f"(stopped: {result.finish_reason})", file=sys.stderr)
     if args.prompt is not None:
+        sys.stdout.write(result.text)
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+    else:
+        sys.stdout.write(" ".join(map(str, result.plain_ids)) + "\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def _generate_genai(args: argparse.Namespace, prompt: str | list[int]) -> int:
+    """``generate --runtime genai``: the stock onnxruntime-genai Generator serves the compiled folder."""
+    from eecompile.genai import genai_generate
+
+    if args.max_context is not None:
+        raise UsageError("--max-context does not apply to --runtime genai (its genai_config.json sets the context)")
+    provider = "cpu" if args.provider == "auto" else args.provider
+    result = genai_generate(args.out_dir, prompt, args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, provider=provider,
+                            add_special_tokens=not args.no_special_tokens)
+    if args.show_wire:
+        print(f"{PROG}: prompt ids as the server saw them: {' '.join(map(str, result.prompt_wire_ids))}",
+              file=sys.stderr)
+        print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))}",
+              file=sys.stderr)
+    if result.text is not None:
         sys.stdout.write(result.text)
         if sys.stdout.isatty():
             sys.stdout.write("\n")
@@ -382,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not let the tokenizer add its special tokens (e.g. <s>) to the prompt")
     p.add_argument("--show-wire", action="store_true",
                    help="print the token ids the server saw and produced (ciphertext) on stderr")
+    p.add_argument("--runtime", choices=("ort", "genai"), default="ort",
+                   help="ort (the default): eecompile's generation loop on an ONNX Runtime session; genai: the "
+                        "stock onnxruntime-genai Generator on OUT_DIR/server (a compiled model-builder folder), "
+                        "its KV cache and search on ciphertext ids")
     p.set_defaults(func=_cmd_generate)
 
     from eecompile.audit.cli import add_parser as add_audit_parser

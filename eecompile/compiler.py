@@ -19,7 +19,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile import staging
 from eecompile.errors import ModelFileError, OutputDirError
-from eecompile.genai import write_server_config
+from eecompile.genai import GENAI_POLICY, write_server_config
 from eecompile.keys import MasterKey, load_key
 from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.fold import fold
@@ -250,7 +250,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         store.close()
         scratch.unlink(missing_ok=True)
         server_validity = check_structure(server_model, server_path)
-        write_server_config(model_path, new / "server", Client(boundary))  # onnxruntime-genai folders only
+        genai_config = write_server_config(model_path, new / "server", Client(boundary))  # builder folders only
         client = Client(boundary, model_id(new / "server"))
         client.save(new / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_value_types(server_model.graph.input),
@@ -266,6 +266,8 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         else:
             result = VerifyResult(False, None, "skipped by request")
         report = build_report(analysis, normalized, Path(model_path).name, boundary)
+        if genai_config is not None:
+            report["policies"].append(GENAI_POLICY)
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
         report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)

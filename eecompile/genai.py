@@ -26,6 +26,9 @@ from eecompile.errors import BundleError, EECompileError
 CONFIG = "genai_config.json"
 TOKEN_ID_KEYS = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
 """Entries of ``genai_config.json["model"]`` that hold token ids the runtime reads."""
+GENAI_POLICY = ("onnxruntime-genai: server/genai_config.json is the builder's, with its special token ids (eos, pad, "
+                "bos) written as the server sees them; the server learns which ciphertext id ends a generation and "
+                "nothing else of the vocabulary permutation")
 
 
 class GenAIError(EECompileError):
@@ -45,6 +48,15 @@ def source_config(model_path: str | Path) -> dict | None:
     if decoder.get("filename", Path(model_path).name) != Path(model_path).name:
         return None  # the config is about another model in the folder
     return config
+
+
+def head_size(model_path: str | Path) -> int | None:
+    """The decoder's ``head_size`` from the ``genai_config.json`` beside ``model_path`` (its KV-cache width)."""
+    config = source_config(model_path)
+    try:
+        return int(config["model"]["decoder"]["head_size"]) if config else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _encrypted(value, wire_of: np.ndarray, key: str):

@@ -255,6 +255,10 @@ def read_interface(session, model_path: str | Path | None = None) -> DecoderInte
         for axis in (1, 3):
             dim = shape[axis] if isinstance(shape[axis], int) else (
                 out_shape[axis] if len(out_shape) == 4 and isinstance(out_shape[axis], int) else None)
+            if dim is None and axis == 3 and model_path is not None:
+                from eecompile.genai import head_size
+
+                dim = head_size(model_path)  # a model-builder cache: [batch, kv_heads, length, kv_cache_dim]
             if dim is None:
                 raise UnsupportedDecoderError(f"cache input '{name}' has no static size on axis {axis} "
                                               f"(shape {shape}); cannot build the empty cache")
