@@ -145,6 +145,13 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
     if normalized.gains_folded:
         policies.append(f"norm gains folded into the following linear layers: {len(normalized.gains_folded)} "
                         "(lets normalised spaces take orthogonal bases)")
+    gains = getattr(analysis, "gains", None)
+    if gains is not None and gains.folded:
+        outs = sorted(gains.output_gains)
+        policies.append(f"norm gains folded through feature-preserving ops (Gather/Slice/Reshape/Transpose...) into "
+                        f"the linear layers they reach: {len(gains.folded)}"
+                        + (f"; the client multiplies the gain into output(s) {_names(outs)} after decrypting"
+                           if outs else ""))
     if normalized.transposes_folded:
         policies.append("constant transposes folded into new initializers (a tied embedding/LM head is untied: "
                         f"{', '.join(normalized.transposes_folded)})")

@@ -18,6 +18,7 @@ from eecompile.passes.context import AnalysisContext
 from eecompile.passes.graph import ModelGraph
 from eecompile.passes.shape_completion import complete_shapes
 from eecompile.passes.rules import SHAPE_ONLY_OPS, PatternInstance, patterns, rule_for
+from eecompile.passes.rules.norms import GainFolds, settle_gains
 from eecompile.passes.spaces import BasisClass, Limit
 
 STATE_INPUT = re.compile(r"(^|[._/])past(_key_values\b|_key\b|_value\b|[._/]\d)", re.IGNORECASE)
@@ -47,6 +48,7 @@ class Analysis:
     policies: list[str] = field(default_factory=list)
     state_inputs: list[str] = field(default_factory=list)
     state_outputs: list[str] = field(default_factory=list)
+    gains: GainFolds = field(default_factory=GainFolds)
 
 
 def analyze(mg: ModelGraph) -> Analysis:
@@ -100,6 +102,7 @@ def analyze(mg: ModelGraph) -> Analysis:
         if isinstance(ann, Squares):
             ctx.restrict(ann, BasisClass.PERMUTATION, _fake(tensor), "squares leave the graph")
             ctx.set(tensor, ann.source)
+    result.gains = settle_gains(ctx, mg.graph.outputs, nodes)  # deferred norm gains: folded or bound
     result.state_inputs = [t.name for t in mg.graph.inputs if STATE_INPUT.search(t.name)]
     result.state_outputs = [t.name for t in mg.graph.outputs if STATE_OUTPUT.search(t.name)]
     _tie_vocabulary(result)

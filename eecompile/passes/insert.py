@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from eecompile.passes.analyze import Analysis
 from eecompile.passes.annotations import IndexValues, Protected
 from eecompile.passes.basis import AxisBasis, Basis
@@ -25,6 +27,8 @@ class BoundaryTransform:
     ``kind`` is ``clear`` (sent as is), ``state`` (server-side state passed through
     untouched, e.g. a KV cache), ``axis`` (``x @ T`` along ``axis``, ``heads`` holding one
     basis per index of ``head_axis`` when set) or ``index`` (integer values permuted).
+    ``gain`` (outputs only, flat ``axis`` transforms): a norm's per-coordinate gain folded out of
+    the server; decrypting multiplies it in along ``axis`` after the basis change.
     """
 
     name: str
@@ -35,6 +39,7 @@ class BoundaryTransform:
     basis: str = ""
     heads: list[AxisBasis] = field(default_factory=list)
     index: Basis | None = None
+    gain: np.ndarray | None = None
 
     @property
     def protection(self) -> str:
@@ -80,12 +85,28 @@ def boundary_transform(name: str, ann, ctx: FoldContext, state: bool, rank: int 
     return BoundaryTransform(name, "clear")
 
 
+def with_gain(t: BoundaryTransform, axis: int, gain: np.ndarray, rank: int | None) -> BoundaryTransform:
+    """``t`` with a client-side output gain along ``axis`` (a clear output becomes an identity-basis one)."""
+    if t.kind == "clear":
+        if rank is None:
+            raise ValueError(f"boundary tensor {t.name} has unknown rank")
+        t = BoundaryTransform(t.name, "axis", axis=axis, rank=rank, heads=[AxisBasis((Basis.identity(gain.size),))])
+    if t.kind != "axis" or t.head_axis is not None or t.axis % t.rank != axis % t.rank or t.heads[0].size != gain.size:
+        raise ValueError(f"output {t.name}: a folded gain needs a flat transform on axis {axis}")
+    t.gain = np.asarray(gain, dtype=np.float64)
+    return t
+
+
 def insert(analysis: Analysis, plan: Plan) -> BoundarySpec:
-    """Boundary transforms for every graph input and output."""
+    """Boundary transforms for every graph input and output (outputs carry the gains folded out of the server)."""
     ctx = FoldContext(analysis.mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases)
     mg = analysis.mg
     inputs = [boundary_transform(t.name, ctx.get(t), ctx, t.name in analysis.state_inputs, mg.rank(t))
               for t in mg.graph.inputs]
-    outputs = [boundary_transform(t.name, ctx.get(t), ctx, t.name in analysis.state_outputs, mg.rank(t))
-               for t in mg.graph.outputs]
+    outputs = []
+    for t in mg.graph.outputs:
+        transform = boundary_transform(t.name, ctx.get(t), ctx, t.name in analysis.state_outputs, mg.rank(t))
+        if t.name in analysis.gains.output_gains:
+            transform = with_gain(transform, *analysis.gains.output_gains[t.name], mg.rank(t))
+        outputs.append(transform)
     return BoundarySpec(inputs, outputs)

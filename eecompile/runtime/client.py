@@ -62,7 +62,10 @@ def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray
         raise FeedError(f"'{t.name}' has size {array.shape[axis]} on axis {axis}; the model expects {t.heads[0].size}")
     if t.head_axis is None:
         basis = t.heads[0].inverse() if inverse else t.heads[0]
-        return basis.right(array, axis).astype(dtype)
+        out = basis.right(array, axis)
+        if inverse and t.gain is not None:  # a norm gain folded out of the server (outputs only)
+            out = out * t.gain.reshape([-1 if i == axis else 1 for i in range(out.ndim)])
+        return out.astype(dtype)
     parts = []
     for h, basis in enumerate(t.heads):
         part = np.take(array, [h], axis=t.head_axis)
@@ -125,6 +128,9 @@ class Client:
                     for h, axis_basis in enumerate(t.heads):
                         entry["heads"].append([_store_basis(b, f"{prefix}.h{h}.b{j}", arrays)
                                                for j, b in enumerate(axis_basis.blocks)])
+                    if t.gain is not None:
+                        arrays[f"{prefix}.gain"] = t.gain
+                        entry["gain"] = f"{prefix}.gain"
                 elif t.kind == "index":
                     entry["index"] = _store_basis(t.index, f"{prefix}.index", arrays)
                 entries[side].append(entry)
@@ -252,6 +258,12 @@ def _load_entry(entry: dict, arrays: dict[str, np.ndarray]) -> BoundaryTransform
         t.heads = [AxisBasis(tuple(_load_basis(b, arrays) for b in head)) for head in entry["heads"]]
         if not t.heads or len({h.size for h in t.heads}) != 1:
             raise ValueError(f"'{t.name}' has no bases or heads of different sizes")
+        if "gain" in entry:
+            gain = arrays[entry["gain"]]
+            if (t.head_axis is not None or gain.shape != (t.heads[0].size,) or gain.dtype.kind != "f"
+                    or not np.isfinite(gain).all()):
+                raise ValueError(f"'{t.name}' has a gain that does not fit its axis")
+            t.gain = gain
     elif t.kind == "index":
         t.index = _load_basis(entry["index"], arrays)
     return t
@@ -299,7 +311,14 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
             nodes.append(helper.make_node("Gather", [f"{p}_table", t.name], [out], axis=0))
         elif t.kind == "axis" and t.head_axis is None:
             basis = _flat(t.heads[0], inverse)
-            nodes.extend(_axis_nodes(basis, t.name, out, t.axis, t.rank, p, inits, elem))
+            gain = inverse and t.gain is not None
+            nodes.extend(_axis_nodes(basis, t.name, f"{p}_based" if gain else out, t.axis, t.rank, p, inits, elem))
+            if gain:  # a norm gain folded out of the server, multiplied in after the basis change
+                shape = [1] * t.rank
+                shape[t.axis] = t.gain.size
+                np_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                inits.append(numpy_helper.from_array(t.gain.reshape(shape).astype(np_dtype), f"{p}_gain"))
+                nodes.append(helper.make_node("Mul", [f"{p}_based", f"{p}_gain"], [out]))
         elif t.kind == "axis":
             parts = []
             for h, axis_basis in enumerate(t.heads):

@@ -36,7 +36,7 @@ def _norm_graph(build, rng, op: str, gain: str, consumer: str):
         nodes.append(_mm("n", "W2", "y"))
     elif consumer == "relu":
         nodes += [helper.make_node("Relu", ["n"], ["r"], name="relu"), _mm("r", "W2", "y")]
-    else:  # the normalised tensor is also a graph output: the gain cannot be folded
+    else:  # the normalised tensor is also a graph output: the gain folds into the client's decrypt
         nodes.append(_mm("n", "W2", "y"))
         outputs.append(("n", FLOAT, ["B", "S", D]))
     opset = 17 if op == "LayerNormalization" else 23
@@ -46,11 +46,11 @@ def _norm_graph(build, rng, op: str, gain: str, consumer: str):
 @pytest.mark.parametrize("op,gain,consumer,basis", [
     ("LayerNormalization", "ones", "linear", "ones-orthogonal"),
     ("LayerNormalization", "random", "linear", "ones-orthogonal"),  # gain folded into the MatMul
-    ("LayerNormalization", "random", "output", "permutation"),
+    ("LayerNormalization", "random", "output", "ones-orthogonal"),  # gain into the MatMul and the client
     ("LayerNormalization", "random", "relu", "permutation"),
     ("RMSNormalization", "ones", "linear", "orthogonal"),
     ("RMSNormalization", "random", "linear", "orthogonal"),
-    ("RMSNormalization", "random", "output", "signed-permutation"),
+    ("RMSNormalization", "random", "output", "orthogonal"),
     ("RMSNormalization", "random", "relu", "permutation"),  # signed permutation ∧ Relu's positive scales
 ])
 def test_feature_norm(op, gain, consumer, basis, rng, build, lint, compile_exact):
@@ -60,7 +60,9 @@ def test_feature_norm(op, gain, consumer, basis, rng, build, lint, compile_exact
     assert space["basis"] == basis
     assert "n" in space["tensors"]
     folded = any("norm gains folded" in p for p in report["policies"])
-    assert folded == (gain == "random" and consumer == "linear")
+    assert folded == (gain == "random" and consumer != "relu")
+    if gain == "random" and consumer == "output":
+        assert any("client multiplies the gain into output(s) n" in p for p in report["policies"])
     if consumer != "relu":
         assert space["limited_by"]["node"] == "norm"
     assert report.basis("x") == "invertible" and report.basis("y") == "invertible"
