@@ -27,8 +27,10 @@ from eecompile.passes.graph import ModelGraph, infer_shapes, load_checked
 from eecompile.passes.insert import insert
 from eecompile.passes.exposure import exposure_for_compile
 from eecompile.passes.normalize import normalize
+from eecompile.passes.options import CompileOptions
 from eecompile.passes.plan import plan
-from eecompile.passes.verify import CannotVerify, VerifyResult, check_structure, state_transforms, verify_equivalence
+from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
+                                     verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
 from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
@@ -77,15 +79,19 @@ def _initializers_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _analysed(model_path: str | Path, store: TensorStore) -> tuple[ModelGraph, Analysis, object]:
+def _analysed(model_path: str | Path, store: TensorStore,
+              options: CompileOptions | None = None) -> tuple[ModelGraph, Analysis, object]:
     model_path = Path(model_path).resolve()
     model, validity = load_checked(model_path, store)
     model = _initializers_not_inputs(model)
     mg = ModelGraph(infer_shapes(model), model_path.parent, store)
+    mg.options = options or CompileOptions()
     with _ort_warnings_quiet():  # constant folding runs ONNX Runtime sessions of its own
         normalized = normalize(mg)
+    row_gains = mg.row_gains
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
     mg.validity = validity
+    mg.options, mg.row_gains = options or CompileOptions(), row_gains
     return mg, analyze(mg), normalized
 
 
@@ -201,7 +207,8 @@ def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProt
 
 def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
                   force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None,
-                  verify_shapes: dict[str, int] | None = None, notice: Notice | None = None) -> CompileResult:
+                  verify_shapes: dict[str, int] | None = None, notice: Notice | None = None,
+                  options: CompileOptions | None = None) -> CompileResult:
     """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md).
 
     Everything is written into a staging folder inside ``out_dir`` and published at the end;
@@ -213,6 +220,8 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     With ``verify`` (the default) the compiled model must be checked against the original on
     generated inputs (``verify_shapes``: symbol or role sizes, ``verify_feeds``: the inputs
     themselves); when no inputs fit, :class:`CannotVerify` is raised and nothing is written.
+    ``options`` (:class:`CompileOptions`) holds the non-default choices; with ``requantize`` the
+    check measures the accuracy change instead of requiring exactness (:mod:`eecompile.accuracy`).
     """
     if not isinstance(key, MasterKey):
         key_path = Path(key)
@@ -226,7 +235,7 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _compile_into(model_path, key, out, verify, verify_feeds, verify_shapes)
+        return _compile_into(model_path, key, out, verify, verify_feeds, verify_shapes, options or CompileOptions())
     except BaseException:
         if created:  # leave nothing behind for a compilation that failed
             shutil.rmtree(out, ignore_errors=True)
@@ -234,12 +243,13 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 
 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
-                  verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None) -> CompileResult:
+                  verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None,
+                  options: CompileOptions = CompileOptions()) -> CompileResult:
     with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work:
         scratch = work.path / "scratch.bin"
         new = work.path / staging.NEW
         store = TensorStore(scratch)
-        mg, analysis, normalized = _analysed(model_path, store)
+        mg, analysis, normalized = _analysed(model_path, store, options)
         bases = plan(analysis, key)
         boundary = insert(analysis, bases)
         state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
@@ -257,7 +267,8 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                     output_types=_value_types(server_model.graph.output))
         if verify:
             result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds,
-                                        shapes=verify_shapes, state=state)
+                                        shapes=verify_shapes, state=state,
+                                        tolerance=float("inf") if options.requantize else DEFAULT_TOLERANCE)
             if not result.checked:
                 raise CannotVerify(f"cannot verify the compiled model: {result.detail}; give the input sizes with "
                                    "--verify-shapes NAME=SIZE,... (symbols such as batch_size, sequence_length, "
@@ -268,6 +279,9 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         report = build_report(analysis, normalized, Path(model_path).name, boundary)
         if genai_config is not None:
             report["policies"].append(GENAI_POLICY)
+        if options.requantize and verify:
+            report["accuracy"] = _requantized_accuracy(model_path, new)
+            report["policies"].append(f"re-quantised weights, measured {report['accuracy']['detail']}")
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
         report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)
@@ -282,6 +296,18 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         staging.fault_point("staged")
         staging.commit(work.path, out, ARTIFACTS)
     return CompileResult(out, out / "server" / "model.onnx", out / "client", report, result)
+
+
+def _requantized_accuracy(model_path: str | Path, staged: Path) -> dict:
+    """The measured change of a ``--requantize`` compile (a decoder: logits and greedy tokens), for the report."""
+    from eecompile.accuracy import measure
+    from eecompile.errors import EECompileError
+
+    try:
+        change = measure(model_path, staged)
+    except EECompileError as exc:  # not a decoder generation can drive: the verification error stands alone
+        return {"measured": False, "detail": f"greedy agreement not measured: {exc}"}
+    return {"measured": True, "detail": change.describe(), **change.to_dict()}
 
 
 def _value_types(values) -> dict[str, onnx.TypeProto]:

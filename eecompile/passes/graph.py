@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile.errors import ModelFileError
-from eecompile.passes.store import FileValues, TensorStore, external_values, externalize
+from eecompile.passes.options import CompileOptions
+from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore, external_values, load_structure
 
 Dim = int | str | None
 
@@ -70,12 +71,15 @@ def load_checked(path: str | Path, store: TensorStore | None = None) -> tuple[on
     schemas as well. :class:`Validity` records what was applied.
 
     External data is not read here: :class:`ModelGraph` reads each such tensor from its file
-    only when a pass needs its values. With a ``store``, weights embedded in the protobuf move
-    to its scratch file and the proto is re-parsed, so memory holds the structure only.
+    only when a pass needs its values. With a ``store``, weights embedded in the protobuf are not
+    read either: the structure is read past them and they are referenced in place, inside the model
+    file, so memory holds the structure only (``onnx.checker`` then checks that structure).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
+    if store is not None and store.scratch is not None:
+        return _load_structure_checked(path)
     rejected = None
     try:  # first, so the checker's own copy is gone before the model is loaded
         onnx.checker.check_model(str(path))
@@ -89,18 +93,46 @@ def load_checked(path: str | Path, store: TensorStore | None = None) -> tuple[on
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    return model, _checked_ops(model, path, rejected)
+
+
+def _checked_ops(model: onnx.ModelProto, path: Path, rejected: str | None) -> Validity:
     if not model.graph.node:
         raise ModelFileError(f"{path} is not an ONNX model with a graph (no nodes found)")
     try:
-        validity = check_registered_ops(model, checker_failed=rejected)
+        return check_registered_ops(model, checker_failed=rejected)
     except InvalidModel as exc:
         raise ModelFileError(f"{path} is not a valid ONNX model: {exc}") from None
-    if store is not None and store.scratch is not None:
-        externalize(model, store)
-        slim = onnx.ModelProto()
-        slim.ParseFromString(model.SerializeToString())  # drops the arena that held the weights
-        model = slim
-    return model, validity
+
+
+def _load_structure_checked(path: Path) -> tuple[onnx.ModelProto, Validity]:
+    """:func:`load_checked` without reading the weights: the structure is read past them
+    (:func:`~eecompile.passes.store.load_structure`), ``onnx.checker`` checks it with the large and external
+    weights as typed inputs (their sizes were checked against their shapes on the way, external files here)."""
+    try:
+        model = load_structure(path)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelFileError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    for tensor in model.graph.initializer:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and location is not None:
+            target = Path(location)
+            if target.is_absolute() or ".." in target.parts:
+                raise ModelFileError(f"{path} is not a valid ONNX model: external data of '{tensor.name}' lies "
+                                     f"outside the model's folder ({location})")
+            if not (path.parent / target).is_file():
+                raise ModelFileError(f"{path}: external data file {path.parent / target} of '{tensor.name}' "
+                                     "not found")
+    rejected = None
+    try:
+        onnx.checker.check_model(_slim_copy(model), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        rejected = str(exc).strip().splitlines()[0]
+        if not _NO_OP.search(rejected):
+            raise ModelFileError(f"{path} is not a valid ONNX model: {rejected}") from None
+    return model, _checked_ops(model, path, rejected)
 
 
 def check_model(model: onnx.ModelProto, path: str | Path | None = None) -> Validity:
@@ -355,6 +387,11 @@ class ModelGraph:
         self.store = store or TensorStore()
         self.validity: Validity | None = None
         """The checks the loaded model passed (:func:`load_checked`), for the report; None when unknown."""
+        self.options = CompileOptions()
+        """What the user chose (:class:`~eecompile.passes.options.CompileOptions`); rules read it."""
+        self.row_gains: dict[str, np.ndarray] = {}
+        """Per-row gains normalize folded into a quantised weight (node name → gain over K), applied when
+        that weight is re-quantised, so it is quantised once (``--requantize`` only)."""
         self.graph: gs.Graph = gs.import_onnx(model)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) \
@@ -385,12 +422,17 @@ class ModelGraph:
         return list(self.graph.nodes)
 
     def const(self, tensor: gs.Tensor | str | None) -> np.ndarray | None:
-        """The value of a constant tensor, or None for activations and missing inputs."""
+        """The value of a constant tensor, or None for activations and missing inputs.
+
+        A large weight still in its file is read for each call and not kept in memory by the graph."""
         if tensor is None:
             return None
         if isinstance(tensor, str):
             tensor = self.tensors.get(tensor)
         if isinstance(tensor, gs.Constant):
+            lazy = tensor._values
+            if isinstance(lazy, LazyValues) and lazy.nbytes >= INLINE_BYTES:
+                return np.asarray(lazy.load())  # a weight: read for the caller, not kept in the graph
             return np.asarray(tensor.values)
         return None
 

@@ -109,8 +109,11 @@ def _fold_constant_transposes(mg: ModelGraph, result: NormalizeResult) -> None:
         result.transposes_folded.append(node.inputs[0].name)
 
 
-def _linear_consumer(node: gs.Node, tensor: gs.Tensor) -> bool:
-    """Whether ``node`` multiplies ``tensor``'s last axis by a constant 2-D weight."""
+def _linear_consumer(node: gs.Node, tensor: gs.Tensor, requantize: bool = False) -> bool:
+    """Whether ``node`` multiplies ``tensor``'s last axis by a constant 2-D weight (with ``requantize``, a
+    quantised one too: the gain is applied to its rows when it is re-quantised)."""
+    if requantize and node.op == "MatMulNBits" and node.inputs[0] is tensor and node.name:
+        return all(isinstance(t, gs.Constant) for t in node.inputs[1:3])
     if node.op == "MatMul" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
         return len(node.inputs[1].shape) == 2
     if node.op == "Gemm" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
@@ -119,6 +122,10 @@ def _linear_consumer(node: gs.Node, tensor: gs.Tensor) -> bool:
 
 
 def _scale_rows(mg: ModelGraph, node: gs.Node, gain: np.ndarray) -> None:
+    if node.op == "MatMulNBits":
+        previous = mg.row_gains.get(node.name)
+        mg.row_gains[node.name] = gain if previous is None else previous * gain
+        return
     weight = np.asarray(node.inputs[1].values)
     trans = node.op == "Gemm" and node.attrs.get("transB", 0)
     scaled = weight * gain[None, :] if trans else weight * gain[:, None]
@@ -148,7 +155,8 @@ def _fold_gains(mg: ModelGraph, result: NormalizeResult) -> None:
                                  or node.inputs[1 - gain_index].shape[-1] != gain.size):
             continue
         consumers = [c for c in out.outputs if c.op not in SHAPE_ONLY_OPS]
-        if not consumers or id(out) in outputs or not all(_linear_consumer(c, out) for c in consumers):
+        if not consumers or id(out) in outputs or not all(_linear_consumer(c, out, mg.options.requantize)
+                                                            for c in consumers):
             continue
         g64 = gain.astype(np.float64)
         for consumer in consumers:

@@ -24,8 +24,13 @@ output by ~1e-2). The compiled model then matches the original to float rounding
 crossings; the report says so.
 
 ``g_idx`` (act-order, deprecated) and prepacked weights (``weight_prepacked``) are not folded: the node
-clears what it touches. Re-quantising after a dense basis change (``--requantize`` in issue 10) is not
-done here.
+clears what it touches.
+
+With ``CompileOptions.requantize`` (``eecompile compile --requantize``) the node is treated like a MatMul:
+both axes may take dense bases; at fold time the weight is dequantised in float64, the bases are folded
+and the result is quantised again with the same bits, block size and symmetry, by ONNX Runtime's own
+block quantiser (the one the model builder uses). That changes the function by the quantisation error;
+compile measures the change against the original quantised model and the report records it.
 """
 
 from __future__ import annotations
@@ -104,6 +109,12 @@ class MatMulNBitsRule(OpRule):
                                 "ranks: not folded")
             return
         k, n, bits, block = params
+        if ctx.mg.options.requantize:
+            if a is not None and not (isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1
+                                      and ctx.axis_size(a) == k):
+                ctx.clear(a, node, "protected axis is not MatMulNBits' contracted axis")
+            ctx.set(y_t, ctx.fresh(node, y_t, ry - 1, n))
+            return
         if a is not None:
             if isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1 and ctx.axis_size(a) == k:
                 cuts = list(range(block, k, block)) + [k]
@@ -133,6 +144,10 @@ class MatMulNBitsRule(OpRule):
         ra = ctx.mg.rank(node.inputs[0])
         fold_in = isinstance(a, Protected) and a.head_axis is None and a.axis == ra - 1
         fold_out = isinstance(y, Protected) and y.head_axis is None
+        if ctx.mg.options.requantize:
+            if fold_in or fold_out or node.name in ctx.mg.row_gains:
+                _fold_requantized(node, ctx, params, a if fold_in else None, y if fold_out else None)
+            return
         rows = _index_map(ctx.axis_basis(a).dual(), block) if fold_in else None
         cols, col_scale = _monomial(ctx.axis_basis(y)) if fold_out else (None, None)
         if (rows is None or np.array_equal(rows, np.arange(k))) and cols is None:
@@ -156,6 +171,59 @@ class MatMulNBitsRule(OpRule):
                 ctx.set_const(node, 5, (bias.astype(np.float64)[cols] * col_scale).reshape(bias.shape))
         packed = pack(q.reshape(n, blocks, block), bits, raw.shape[2])
         ctx.set_const(node, 1, packed.reshape(raw.shape))
+
+
+def dequantize(node: gs.Node, ctx: FoldContext, params: tuple[int, int, int, int]) -> np.ndarray:
+    """The logical ``K × N`` float64 weight of a MatMulNBits node."""
+    k, n, bits, block = params
+    blocks = -(-k // block)
+    raw = ctx.const(node.inputs[1])
+    q = unpack(raw.reshape(n, blocks * raw.shape[2]), bits, blocks * block).reshape(n, blocks, block)
+    scales = ctx.const(node.inputs[2]).astype(np.float64).reshape(n, blocks)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    if zp_t is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), np.float64)
+    else:
+        zp = ctx.const(zp_t)
+        zero = (zp.astype(np.float64).reshape(n, blocks) if zp.dtype != np.uint8 else
+                unpack(zp.reshape(n, -1), bits, blocks).astype(np.float64))
+    w = (q.astype(np.float64) - zero[:, :, None]) * scales[:, :, None]
+    return w.reshape(n, blocks * block)[:, :k].T
+
+
+def requantize(w: np.ndarray, bits: int, block: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(packed, scales, zero_points)`` of a ``K × N`` weight, by ONNX Runtime's block quantiser (RTN)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, bits=bits)
+    return DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w, dtype=np.float32))
+
+
+def _fold_requantized(node: gs.Node, ctx: FoldContext, params: tuple[int, int, int, int],
+                      a: Protected | None, y: Protected | None) -> None:
+    """Dequantise, fold the (dense) bases as a MatMul does, quantise again on the same grid shape."""
+    k, n, bits, block = params
+    w = dequantize(node, ctx, params)
+    gain = ctx.mg.row_gains.get(node.name)
+    if gain is not None:  # a norm's gain normalize folded into these rows
+        w = w * gain[:, None]
+    if a is not None:
+        w = ctx.axis_basis(a).dual().right(w, 0)
+    if y is not None:
+        w = ctx.axis_basis(y).right(w, 1)
+    zp_t = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+    packed, scales, zero = requantize(w, bits, block, symmetric=zp_t is None)
+    ctx.set_const(node, 1, packed.reshape(ctx.const_shape(node.inputs[1])))
+    ctx.set_const(node, 2, scales.reshape(ctx.const_shape(node.inputs[2])))
+    if zp_t is not None:
+        zp = ctx.const(zp_t)
+        if zp.dtype == np.uint8:
+            ctx.set_const(node, 3, zero.reshape(zp.shape))
+        else:  # float zero points: the quantiser's integer ones, unpacked
+            ctx.set_const(node, 3, unpack(zero, bits, zp.reshape(n, -1).shape[1]).reshape(zp.shape))
+    bias_t = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
+    if bias_t is not None and y is not None:
+        ctx.set_const(node, 5, ctx.axis_basis(y).right(ctx.const(bias_t).astype(np.float64), 0))
 
 
 def _index_map(basis: AxisBasis, block: int) -> np.ndarray:
@@ -190,7 +258,11 @@ def quantized_weight_policies(mg, ctx) -> list[str]:
         return []
     kept = [n.name for n in nodes if MatMulNBitsRule._params(n, ctx) is not None]
     lines = []
-    if kept:
+    if kept and mg.options.requantize:
+        lines.append(f"quantised weights re-quantised (--requantize: dense bases, not exact) in {len(kept)} "
+                     "MatMulNBits node(s): dequantised, folded, quantised again with the same bits and block size "
+                     f"by ONNX Runtime's block quantiser ({_names(kept)}); the accuracy change is measured below")
+    elif kept:
         lines.append(f"quantised weights kept on their grid (exact, no re-quantisation) in {len(kept)} MatMulNBits "
                      "node(s): output columns permuted and scaled into the block scales, input rows permuted only "
                      f"within a quantisation block ({_names(kept)})")

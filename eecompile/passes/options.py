@@ -1,0 +1,14 @@
+"""Compile options the passes read (through ``ModelGraph.options``): one place, typed, with defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What a user chose beyond the defaults; every field's default is the exact, zero-overhead choice."""
+
+    requantize: bool = False
+    """Quantised weights (MatMulNBits) are dequantised, folded with a dense basis and re-quantised with the
+    same bits and block size, instead of kept on their grid. Not exact: the accuracy change is measured."""
