@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 from eecompile.errors import EECompileError
+from eecompile.passes.options import POLICIES
 
 PROG = "eecompile"
 EXIT_OK = 0
@@ -27,6 +28,10 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 FORMATS = ("text", "json", "md")
+POLICY_HELP = ("default: no extra work in the served model; rebase: where an op whose constants cannot be folded "
+               "(a post-LN gain, a gain or nonlinearity at the start of the residual stream) binds a space to a "
+               "permutation, insert one dense d×d re-basing MatMul after it so the space downstream takes a dense "
+               "basis; the report names each point, `eecompile bench` measures the cost")
 
 
 class UsageError(EECompileError):
@@ -157,7 +162,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     shapes, feeds = _verify_inputs(args)
     result = compile_model(model, key, out, force=args.force, verify=not args.no_verify, notice=_notice,
                            verify_shapes=shapes, verify_feeds=feeds,
-                           options=CompileOptions(requantize=args.requantize))
+                           options=CompileOptions(requantize=args.requantize, policy=args.policy))
     if tokenizer:
         from eecompile.runtime.generate import model_context_length
         from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
@@ -211,7 +216,9 @@ def _cmd_lint(args: argparse.Namespace) -> int:
     from eecompile.compiler import lint_model
     from eecompile.report import render_markdown, render_text
 
-    report = lint_model(args.model, notice=_notice)
+    from eecompile.passes.options import CompileOptions
+
+    report = lint_model(args.model, notice=_notice, options=CompileOptions(policy=args.policy))
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "md":
@@ -365,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "same bits and block size. Not exact: compile measures the change against the original "
                         "(max logit difference, greedy-token agreement over 64 tokens) and the report records it. "
                         "Without it quantised weights stay exact on their grid (permutations, column scales)")
+    p.add_argument("--policy", choices=POLICIES, default="default", help=POLICY_HELP)
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("lint", help="report what a model's spaces can be protected by",
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx", help="the exported ONNX model")
     p.add_argument("--format", choices=FORMATS, default="text",
                    help="text (a table for terminals, the default), json (for machines) or md (Markdown)")
+    p.add_argument("--policy", choices=POLICIES, default="default", help="report for this compile policy "
+                   "(see compile --policy)")
     p.set_defaults(func=_cmd_lint)
 
     p = sub.add_parser("bench", help="time the encrypted model against the original, side by side",

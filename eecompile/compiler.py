@@ -29,6 +29,7 @@ from eecompile.passes.exposure import exposure_for_compile
 from eecompile.passes.normalize import normalize
 from eecompile.passes.options import CompileOptions
 from eecompile.passes.plan import plan
+from eecompile.passes.rebase import analyze_with_policy
 from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
                                      verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
@@ -92,7 +93,7 @@ def _analysed(model_path: str | Path, store: TensorStore,
     mg = ModelGraph(infer_shapes(mg.export()), model_path.parent, store)
     mg.validity = validity
     mg.options, mg.row_gains = options or CompileOptions(), row_gains
-    return mg, analyze(mg), normalized
+    return mg, analyze_with_policy(mg, mg.options.policy), normalized
 
 
 def _record_context(mg: ModelGraph, model_path: str | Path) -> None:
@@ -107,9 +108,11 @@ def _record_context(mg: ModelGraph, model_path: str | Path) -> None:
         mg.metadata["max_position_embeddings"] = str(length)
 
 
-def lint_model(model_path: str | Path, *, notice: Notice | None = None) -> dict:
+def lint_model(model_path: str | Path, *, notice: Notice | None = None,
+               options: CompileOptions | None = None) -> dict:
     """The lint report of a model (no key needed): what each space can be protected by.
 
+    ``options`` are the compile options to report for (``policy``, see :class:`CompileOptions`).
     Scratch goes to a staging folder in the system temp dir; folders that killed lints left
     there are removed first (one line each to ``notice``, else the ``eecompile`` logger).
     """
@@ -117,10 +120,12 @@ def lint_model(model_path: str | Path, *, notice: Notice | None = None) -> dict:
     staging.recover(temp, staging.LINT_PREFIX, notice=notice or _log_notice, what="lint")
     with staging.Staging(temp, staging.LINT_PREFIX, "lint") as work:
         store = TensorStore(work.path / "scratch.bin")
-        _, analysis, normalized = _analysed(model_path, store)
+        _, analysis, normalized = _analysed(model_path, store, options)
         store.close()
         staging.fault_point("lint")
-        return build_report(analysis, normalized, Path(model_path).name)
+        report = build_report(analysis, normalized, Path(model_path).name)
+        report["policy"] = (options or CompileOptions()).policy
+        return report
 
 
 def _log_notice(line: str) -> None:
@@ -282,6 +287,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         if options.requantize and verify:
             report["accuracy"] = _requantized_accuracy(model_path, new)
             report["policies"].append(f"re-quantised weights, measured {report['accuracy']['detail']}")
+        report["policy"] = options.policy
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
         report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)

@@ -21,9 +21,9 @@ import onnx_graphsurgeon as gs
 from eecompile.passes.analyze import Analysis, analyze
 from eecompile.passes.annotations import Protected
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.options import POLICIES
 from eecompile.passes.spaces import BasisClass, Ref
 
-POLICIES = ("default", "rebase")
 REBASE_CLASSES = frozenset({BasisClass.PERMUTATION, BasisClass.SIGNED_PERMUTATION, BasisClass.MONOMIAL,
                             BasisClass.POSITIVE_MONOMIAL})
 """Weak classes a re-basing MatMul lifts (pair classes and clear spaces are left alone)."""
