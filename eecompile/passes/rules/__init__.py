@@ -65,10 +65,13 @@ def unregistered(op_type: str, domain: str = "") -> Iterator[None]:
 def _load_families() -> None:
     from eecompile.passes.rules import (  # noqa: F401  (registration side effects)
         attention,
+        comparisons,
         contrib_attention,
         contrib_norms,
         elementwise,
         embedding,
+        gather_index,
+        group_norms,
         linear,
         norms,
         pooling,
@@ -76,6 +79,7 @@ def _load_families() -> None:
         reductions,
         rotary,
         shape,
+        spatial,
     )
 
 

@@ -1,4 +1,5 @@
-"""MatMul, Gemm and Conv: any invertible basis on input and output, folded into the weight.
+"""MatMul, Gemm and Conv: any invertible basis on input and output, folded into the weight
+(grouped Conv: block-diagonal per group; depthwise Conv: one monomial basis in and out).
 
 ``W' = T_in^{-1} · W · T_out`` for a constant weight; for two activations (attention)
 the contracted axes must be dual (``T_B = T_A^{-T}``) and the free axes pass through.
@@ -6,12 +7,15 @@ the contracted axes must be dual (``T_B = T_A^{-T}``) and the free axes pass thr
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.annotations import Annotation, Protected
-from eecompile.passes.context import AnalysisContext, FoldContext
+from eecompile.passes.basis import AxisBasis
+from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
+from eecompile.passes.spaces import BasisClass
 
 
 class MatMulRule(OpRule):
@@ -159,37 +163,113 @@ class GemmRule(OpRule):
 
 
 class ConvRule(OpRule):
-    """Conv with group 1: any invertible basis on in/out channels (axis 1)."""
+    """Conv with a constant weight ``[C_out, C_in/g, *kernel]`` on channel axis 1 (DESIGN §1).
+
+    * ``group == 1``: any invertible basis on input and output channels, independently.
+    * depthwise (one input and one output channel per group): output channel ``c`` is input
+      channel ``c`` filtered on its own, so input and output share one monomial basis (a
+      permutation of the groups with a scale each); the filters are permuted.
+    * other groups (``a = C_in/g``, ``b = C_out/g``): each group is a dense conv of its own, so
+      the input splits into ``g`` blocks of ``a`` and the output into ``g`` blocks of ``b``, each
+      any invertible basis (block-diagonal; permuting whole groups is not in the basis lattice).
+      A depthwise conv with a channel multiplier (``a == 1 < b``) clears its input: only a
+      per-channel scale without a permutation would fold there, and no basis class is that.
+    """
 
     op_types = ("Conv",)
 
+    @staticmethod
+    def _groups(node: gs.Node, weight: tuple[int, ...]) -> tuple[int, int, int]:
+        """(groups, input channels per group, output channels per group)."""
+        groups = int(node.attrs.get("group", 1))
+        return groups, int(weight[1]), int(weight[0]) // groups
+
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
         weight = ctx.const_shape(node.inputs[1])
-        if index == 0 and weight is not None and node.attrs.get("group", 1) == 1:
-            return ctx.fresh(node, node.inputs[0], 1, int(weight[1]))
-        return None
+        if index != 0 or weight is None or len(weight) < 3:
+            return None
+        groups, a, b = self._groups(node, weight)
+        if groups > 1 and a == 1 and b > 1:
+            return None
+        return ctx.fresh(node, node.inputs[0], 1, groups * a)
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         weight = ctx.const_shape(node.inputs[1])
         x = ctx.get(node.inputs[0])
-        if weight is None or node.attrs.get("group", 1) != 1:
-            ctx.clear_all(node, "grouped/depthwise Conv or non-constant weight (only group=1 is folded)")
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if weight is None or len(weight) < 3 or (bias is not None and ctx.const_shape(bias) is None):
+            ctx.clear_all(node, "Conv with a non-constant weight or bias")
             return
         if x is not None and not (isinstance(x, Protected) and x.axis == 1 and x.head_axis is None):
             ctx.clear(x, node, "protected axis is not the channel axis")
-        ctx.set(node.outputs[0], ctx.fresh(node, node.outputs[0], 1, int(weight[0])))
+            x = None
+        groups, a, b = self._groups(node, weight)
+        y = node.outputs[0]
+        if groups == 1:
+            ctx.set(y, ctx.fresh(node, y, 1, int(weight[0])))
+        elif a == 1 and b == 1:
+            if x is None:  # channel c of a clear input stays channel c: no permutation can fold
+                ctx.set(y, None)
+                return
+            ctx.restrict(x, BasisClass.MONOMIAL, node,
+                         "depthwise Conv filters each channel on its own: a permutation with scales, shared by input "
+                         "and output")
+            ctx.set(y, x)
+        elif a == 1:
+            if x is not None:
+                ctx.clear(x, node, "depthwise Conv with a channel multiplier: only an unpermuted per-channel scale "
+                                   "would fold into its input")
+            ctx.set(y, self._grouped_output(node, ctx, groups, b))
+        else:
+            if x is not None:
+                ctx.spaces.refine(x.refs, [a * (k + 1) for k in range(groups)])
+            ctx.set(y, self._grouped_output(node, ctx, groups, b))
+
+    @staticmethod
+    def _grouped_output(node: gs.Node, ctx: AnalysisContext, groups: int, width: int) -> Protected:
+        """A fresh output space split into one block per group (block-diagonal basis)."""
+        out = ctx.fresh(node, node.outputs[0], 1, groups * width)
+        ctx.spaces.split(out.refs[0], (width,) * groups)
+        return out
 
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
-        weight = ctx.const(node.inputs[1])
+        shape = ctx.const_shape(node.inputs[1])
         x, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
-        w = weight.astype("float64")
-        if isinstance(y, Protected):
-            w = ctx.axis_basis(y).right(w, 0)
-            if len(node.inputs) > 2 and ctx.const(node.inputs[2]) is not None:
-                ctx.set_const(node, 2, ctx.axis_basis(y).right(ctx.const(node.inputs[2]), 0))
-        if isinstance(x, Protected) and x.axis == 1:
-            w = ctx.axis_basis(x).dual().right(w, 1)
+        if shape is None or len(shape) < 3 or (not isinstance(x, Protected) and not isinstance(y, Protected)):
+            return
+        groups, a, b = self._groups(node, shape)
+        w = ctx.const(node.inputs[1]).astype("float64")
+        if groups > 1 and a == 1 and b == 1:
+            if isinstance(y, Protected):  # y shares x's monomial basis: the filters are permuted only
+                w = apply_on_axis(ctx, w, Protected(0, y.refs), w.ndim, "perm")
+        else:
+            out_basis = ctx.axis_basis(y) if isinstance(y, Protected) else None
+            in_basis = ctx.axis_basis(x).dual() if isinstance(x, Protected) and x.axis == 1 else None
+            out_basis, in_basis = (None if b is None or b.is_identity else b for b in (out_basis, in_basis))
+            parts = []
+            for g in range(groups):
+                part = w[g * b:(g + 1) * b]
+                if out_basis is not None:
+                    part = _sub_basis(out_basis, g * b, (g + 1) * b).right(part, 0)
+                if in_basis is not None:
+                    part = _sub_basis(in_basis, g * a, (g + 1) * a).right(part, 1)
+                parts.append(part)
+            w = np.concatenate(parts, axis=0)
         ctx.set_const(node, 1, w)
+        if isinstance(y, Protected) and len(node.inputs) > 2 and ctx.const(node.inputs[2]) is not None:
+            ctx.set_const(node, 2, ctx.axis_basis(y).right(ctx.const(node.inputs[2]), 0))
+
+
+def _sub_basis(basis: AxisBasis, lo: int, hi: int) -> AxisBasis:
+    """The blocks of ``basis`` covering coordinates ``[lo, hi)`` (a block may not cross either bound)."""
+    kept, offset = [], 0
+    for block in basis.blocks:
+        if lo <= offset and offset + block.size <= hi:
+            kept.append(block)
+        elif offset < hi and offset + block.size > lo:
+            raise ValueError(f"a basis block crosses the group boundary [{lo}, {hi})")
+        offset += block.size
+    return AxisBasis(tuple(kept))
 
 
 for _rule in (MatMulRule(), GemmRule(), ConvRule()):

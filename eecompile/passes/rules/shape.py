@@ -198,7 +198,12 @@ def reshape_annotation(ctx: AnalysisContext, x: Protected, din: Dims, dout: Dims
     return False
 
 
-def _target_shape(node: gs.Node, ctx: AnalysisContext, din: Dims) -> Dims | None:
+def reshape_dims(ctx: AnalysisContext, node: gs.Node, din: Dims | None) -> Dims | None:
+    """A Reshape's output dims: inferred or completed where known, else read from its shape input."""
+    return _target_shape(node, ctx, din)
+
+
+def _target_shape(node: gs.Node, ctx: AnalysisContext, din: Dims | None) -> Dims | None:
     """The Reshape's output dims: inferred or completed where known, else read from its shape input."""
     dout = ctx.shape(node.outputs[0])
     if dout is not None and all(dims.expr(d) is not None for d in dout):
@@ -240,7 +245,7 @@ def _slice_params(node: gs.Node, ctx: AnalysisContext):
     return starts, ends, axes, steps
 
 
-def _take_blocks(ctx: AnalysisContext, refs: tuple, lo: int, hi: int) -> tuple:
+def take_blocks(ctx: AnalysisContext, refs: tuple, lo: int, hi: int) -> tuple:
     """The blocks of a flat axis covering ``[lo, hi)``, split there first."""
     blocks = ctx.spaces.refine(refs, [lo, hi])
     offset, kept = 0, []
@@ -253,7 +258,7 @@ def _take_blocks(ctx: AnalysisContext, refs: tuple, lo: int, hi: int) -> tuple:
 
 def _within_heads(ctx: AnalysisContext, x: Protected, lo: int, hi: int) -> Protected | None:
     """``x[..., lo:hi]`` of a headed annotation: each head keeps its own sub-block (fused QKV per head)."""
-    parts = [_take_blocks(ctx, (ref,), lo, hi) for ref in x.refs]
+    parts = [take_blocks(ctx, (ref,), lo, hi) for ref in x.refs]
     if any(len(p) != 1 for p in parts):
         return None
     return Protected(x.axis, tuple(p[0] for p in parts), x.head_axis, x.head_tiled)
@@ -314,7 +319,7 @@ class SliceRule(OpRule):
                 return
             ctx.set(y, part)
             return
-        kept = _take_blocks(ctx, x.refs, lo, hi)
+        kept = take_blocks(ctx, x.refs, lo, hi)
         ctx.set(y, Protected(x.axis, kept) if kept else None)
 
 

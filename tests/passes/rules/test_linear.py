@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT = TensorProto.FLOAT
@@ -77,16 +78,125 @@ def test_conv_relu_conv(rng, build, lint, compile_exact):
     compile_exact(path, {"x": _f(rng, 2, 3, 6, 6)})
 
 
-def test_grouped_conv_is_left_clear(rng, build, lint, compile_exact):
-    path = build([helper.make_node("Conv", ["x", "W1"], ["h"], name="depthwise", group=4),
-                  helper.make_node("Conv", ["h", "W2"], ["y"], name="pointwise")],
-                 [("x", FLOAT, ["B", 4, 5, 5])], [("y", FLOAT, ["B", 2, 3, 3])],
-                 {"W1": _f(rng, 4, 1, 3, 3), "W2": _f(rng, 2, 4, 1, 1)})
+def test_depthwise_conv_shares_one_monomial_basis(rng, build, lint, compile_exact):
+    """Depthwise: channel c in, channel c out; one permutation with scales on both sides, filters permuted."""
+    path = build([helper.make_node("Conv", ["x", "W0", "b0"], ["h"], name="conv0"),
+                  helper.make_node("Conv", ["h", "W1", "b1"], ["d"], name="depthwise", group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("Conv", ["d", "W2"], ["y"], name="pointwise")],
+                 [("x", FLOAT, ["B", 3, 5, 5])], [("y", FLOAT, ["B", 2, 5, 5])],
+                 {"W0": _f(rng, 4, 3, 1, 1), "b0": _f(rng, 4), "W1": _f(rng, 4, 1, 3, 3), "b1": _f(rng, 4),
+                  "W2": _f(rng, 2, 4, 1, 1)})
     report = lint(path)
-    assert report.protection("inputs", "x") == "clear"
-    assert not [s for s in report["spaces"] if "h" in s["tensors"] and s["basis"] != "clear"]
-    assert report.basis("y") == "invertible"  # the next dense conv starts a fresh space
+    space = report.space("h")
+    assert space["basis"] == "monomial" and "d" in space["tensors"]
+    assert space["limited_by"]["node"] == "depthwise"
+    assert report.basis("x") == "invertible" and report.basis("y") == "invertible"
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 5, 5)})
+    w, w0 = _init(result.server_model, "W1"), _init(path, "W1")
+    assert not np.array_equal(w, w0)
+    assert sorted(map(tuple, w.reshape(4, -1).round(5))) == sorted(map(tuple, w0.reshape(4, -1).round(5)))  # permuted
+
+
+def test_grouped_conv_is_block_diagonal(rng, build, lint, compile_exact):
+    """group=2 with 3 input and 2 output channels per group: one invertible block per group on each side."""
+    path = build([helper.make_node("Conv", ["x", "W0"], ["h"], name="conv0"),
+                  helper.make_node("Conv", ["h", "W1", "b1"], ["g"], name="grouped", group=2),
+                  helper.make_node("Conv", ["g", "W2"], ["y"], name="conv2")],
+                 [("x", FLOAT, ["B", 3, 4, 4])], [("y", FLOAT, ["B", 2, 2, 2])],
+                 {"W0": _f(rng, 6, 3, 1, 1), "W1": _f(rng, 4, 3, 3, 3), "b1": _f(rng, 4), "W2": _f(rng, 2, 4, 1, 1)})
+    report = lint(path)
+    assert report.space("h")["basis"] == "block-invertible" and report.space("h")["blocks"] == 2
+    assert report.space("g")["basis"] == "block-invertible" and report.space("g")["blocks"] == 2
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def test_depthwise_conv_with_a_channel_multiplier_clears_its_input(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Conv", ["x", "W0"], ["h"], name="conv0"),
+                  helper.make_node("Conv", ["h", "W1"], ["g"], name="multiplier", group=2),
+                  helper.make_node("Conv", ["g", "W2"], ["y"], name="conv2")],
+                 [("x", FLOAT, ["B", 3, 4, 4])], [("y", FLOAT, ["B", 2, 4, 4])],
+                 {"W0": _f(rng, 2, 3, 1, 1), "W1": _f(rng, 6, 1, 1, 1), "W2": _f(rng, 2, 6, 1, 1)})
+    report = lint(path)
+    assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "multiplier"
+    assert report.space("g")["basis"] == "block-invertible" and report.space("g")["blocks"] == 2
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def test_depthwise_conv_binds_a_graph_input_and_leaves_a_clear_one_clear(rng, build, lint, compile_exact):
+    path = build([helper.make_node("Conv", ["x", "W1"], ["h"], name="depthwise", group=4),
+                  helper.make_node("LpNormalization", ["x"], ["l"], name="lp", axis=1),
+                  helper.make_node("Conv", ["l", "W1b"], ["hl"], name="depthwise_clear", group=4),
+                  helper.make_node("Add", ["h", "hl"], ["s"], name="add"),
+                  helper.make_node("Conv", ["h", "W2"], ["y"], name="pointwise")],
+                 [("x", FLOAT, ["B", 4, 5, 5])], [("y", FLOAT, ["B", 2, 3, 3]), ("s", FLOAT, ["B", 4, 3, 3])],
+                 {"W1": _f(rng, 4, 1, 3, 3), "W1b": _f(rng, 4, 1, 3, 3), "W2": _f(rng, 2, 4, 1, 1)})
+    report = lint(path)
+    assert report.protection("inputs", "x") == "clear"  # LpNormalization (no rule) reads it too
+    assert report.protection("outputs", "s") == "clear"  # the Add ties h to the clear hl
+    assert report.basis("y") == "invertible"
     compile_exact(path, {"x": _f(rng, 2, 4, 5, 5)})
+    bound = build([helper.make_node("Conv", ["x", "W1"], ["h"], name="depthwise", group=4),
+                   helper.make_node("Conv", ["h", "W2"], ["y"], name="pointwise")],
+                  [("x", FLOAT, ["B", 4, 5, 5])], [("y", FLOAT, ["B", 2, 3, 3])],
+                  {"W1": _f(rng, 4, 1, 3, 3), "W2": _f(rng, 2, 4, 1, 1)})
+    assert lint(bound).protection("inputs", "x") == "basis change on axis 1: monomial"
+    compile_exact(bound, {"x": _f(rng, 2, 4, 5, 5)})
+
+
+def test_depthwise_conv_feeding_an_unsupported_op_stays_exact(rng, build, lint, compile_exact):
+    """Input and output of a depthwise conv are one space: clearing the output clears the input too."""
+    path = build([helper.make_node("Conv", ["x", "W0"], ["h"], name="conv0"),
+                  helper.make_node("Conv", ["h", "W1"], ["d"], name="depthwise", group=4),
+                  helper.make_node("LpNormalization", ["d"], ["y"], name="lp", axis=1)],
+                 [("x", FLOAT, ["B", 3, 4, 4])], [("y", FLOAT, ["B", 4, 2, 2])],
+                 {"W0": _f(rng, 4, 3, 1, 1), "W1": _f(rng, 4, 1, 3, 3)})
+    report = lint(path)
+    assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "lp"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def _mobilenet_block():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        """An inverted residual (MobileNetV2): expand 1x1, depthwise 3x3 with TF-style padding, project 1x1."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.expand = nn.Conv2d(8, 16, 1)
+            self.bn = nn.BatchNorm2d(16)
+            self.depthwise = nn.Conv2d(16, 16, 3, groups=16)
+            self.project = nn.Conv2d(16, 8, 1)
+            self.head = nn.Linear(8, 3)
+            with torch.no_grad():
+                self.bn.running_mean.normal_()
+                self.bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            h = self.stem(x)
+            e = torch.nn.functional.relu6(self.bn(self.expand(h)))
+            e = torch.nn.functional.pad(e, (1, 1, 1, 1))
+            h = h + self.project(torch.nn.functional.relu6(self.depthwise(e)))
+            return self.head(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Block()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_mobilenet_block_export(exporter, rng, torch_export, lint, compile_exact):
+    import torch
+
+    path = torch_export(_mobilenet_block(), (torch.randn(2, 3, 8, 8),), exporter, ["x"], ["y"])
+    report = lint(path)
+    assert not report["unsupported_ops"]
+    assert not [s for s in report["spaces"] if s["basis"] == "clear"]
+    hidden = [s for s in report["spaces"] if s["size"] == 16]
+    assert hidden and all(s["basis"] == "permutation" for s in hidden)  # relu6 (Clip) after the depthwise conv
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 8, 8)})
+    assert result.report["exposure"]["intermediates_exposed"] == 0
 
 
 def test_protected_axis_as_the_row_axis_of_a_weight(rng, build, lint, compile_exact):

@@ -1,0 +1,173 @@
+"""Resize and Pad: ops that move pixels (or tokens) and leave the feature axis alone.
+
+* ``Resize`` along axes other than the protected one samples or interpolates each channel with
+  weights that do not depend on the channel, so it commutes with **any** basis of the channel
+  axis. A protected axis that is resized, or cropped by ``tf_crop_and_resize`` (which also fills
+  with ``extrapolation_value``), is cleared.
+* ``Pad`` along other axes: ``reflect``, ``edge`` and ``wrap`` copy existing values (any basis);
+  ``constant`` fills with one value in every channel — 0 keeps any basis, another value only
+  bases that map ones to ones (``v·1·T = v·1``). Padding the protected axis itself with a
+  constant appends channels holding the fill value: they are a clear block of a direct sum
+  (``[x·T, v]``), and a negative pad crops whole blocks; reflecting or repeating channels mixes
+  them and clears the axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from eecompile.passes import dims
+from eecompile.passes.annotations import Protected
+from eecompile.passes.context import AnalysisContext
+from eecompile.passes.rules import register
+from eecompile.passes.rules.base import OpRule
+from eecompile.passes.rules.shape import take_blocks
+from eecompile.passes.spaces import BasisClass
+
+
+def _optional(node: gs.Node, index: int) -> gs.Tensor | None:
+    return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+
+
+def _listed_axes(node: gs.Node, ctx: AnalysisContext, rank: int, index: int) -> list[int] | None:
+    """The axes an op's per-axis inputs refer to: its ``axes`` attribute or input, else all."""
+    if "axes" in node.attrs:
+        return [int(a) % rank for a in node.attrs["axes"]]
+    tensor = _optional(node, index)
+    if tensor is None:
+        return list(range(rank))
+    value = ctx.const(tensor)
+    return None if value is None else [int(a) % rank for a in np.atleast_1d(value)]
+
+
+class ResizeRule(OpRule):
+    """Resize (opset 10+): any basis on an axis that is not resized."""
+
+    op_types = ("Resize", "Upsample")
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        if not isinstance(x, Protected) or rank is None:
+            ctx.clear_all(node, "resize of a non-feature tensor", node.inputs[:1])
+            return
+        kept = [a for a in (x.axis, x.head_axis) if a is not None]
+        crop = node.attrs.get("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize"
+        if crop or not all(self._unscaled(node, ctx, a, rank) for a in kept):
+            ctx.clear_all(node, "resize along the protected axis (or tf_crop_and_resize)", node.inputs[:1])
+            return
+        ctx.set(y, x)
+
+    @staticmethod
+    def _unscaled(node: gs.Node, ctx: AnalysisContext, axis: int, rank: int) -> bool:
+        """Whether ``axis`` keeps its size and coordinates (scale exactly 1)."""
+        if node.op == "Upsample":
+            scales = ctx.const(_optional(node, 1)) if _optional(node, 1) is not None else node.attrs.get("scales")
+            return scales is not None and float(np.atleast_1d(scales)[axis]) == 1.0
+        axes = _listed_axes(node, ctx, rank, 4)
+        if axes is None:
+            return False
+        if axis not in axes:
+            return True
+        i = axes.index(axis)
+        scales = _optional(node, 2)
+        value = ctx.const(scales) if scales is not None else None
+        if value is not None and value.size:
+            return float(value.reshape(-1)[i]) == 1.0
+        sizes = _optional(node, 3)
+        target = ctx.dim_values(sizes) if sizes is not None else None
+        din = ctx.shape(node.inputs[0])
+        policy = node.attrs.get("keep_aspect_ratio_policy", "stretch")
+        return (target is not None and din is not None and i < len(target) and policy == "stretch"
+                and dims.equal(target[i], din[axis]))
+
+
+class PadRule(OpRule):
+    """Pad (opset 2+): the fill and the padded axes decide what survives (see module docstring)."""
+
+    op_types = ("Pad",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:  # noqa: C901 - one branch per case
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        rank = ctx.rank(node.inputs[0])
+        if not isinstance(x, Protected) or rank is None:
+            ctx.clear_all(node, "pad of a non-feature tensor", node.inputs[:1])
+            return
+        pads = self._pads(node, ctx, rank)
+        mode = node.attrs.get("mode", "constant")
+        value = self._fill(node, ctx)
+        if pads is None or None in pads[x.axis] or (x.head_axis is not None and pads[x.head_axis] != (0, 0)):
+            ctx.clear_all(node, "pad of the protected axis with computed pads, or of a head axis", node.inputs[:1])
+            return
+        others = [p for a, p in pads.items() if a != x.axis]
+        elsewhere = any(p != (0, 0) for p in others)
+        if mode == "constant" and elsewhere and value != 0.0:
+            if value is None:
+                ctx.clear_all(node, "constant pad with a computed fill value", node.inputs[:1])
+                return
+            ctx.restrict(x, BasisClass.ONES_ORTHOGONAL, node,
+                         f"padding with {value:g} writes it into every channel: only bases that map ones to ones keep it")
+        before, after = pads[x.axis]
+        if (before, after) == (0, 0):
+            ctx.set(y, x)
+            return
+        if mode != "constant" or x.head_axis is not None:
+            ctx.clear_all(node, f"{mode} pad of the protected axis mixes its coordinates", node.inputs[:1])
+            return
+        total = ctx.axis_size(x)
+        lo, hi = max(0, -before), total - max(0, -after)
+        if hi <= lo:
+            ctx.clear_all(node, "pad crops the protected axis away", node.inputs[:1])
+            return
+        kept = take_blocks(ctx, x.refs, lo, hi)
+        refs = [self._fill_block(node, ctx, before, "before")] if before > 0 else []
+        refs.extend(kept)
+        if after > 0:
+            refs.append(self._fill_block(node, ctx, after, "after"))
+        ctx.set(y, Protected(x.axis, tuple(refs)))
+
+    @staticmethod
+    def _fill_block(node: gs.Node, ctx: AnalysisContext, size: int, where: str):
+        ref = ctx.spaces.new(f"{node.name}:{node.outputs[0].name}/pad_{where}", size, node.name)
+        ctx.spaces.clear(ref, ctx.limit(node, "padded channels hold the fill value (clear part of a direct sum)"))
+        return ref
+
+    @staticmethod
+    def _pads(node: gs.Node, ctx: AnalysisContext, rank: int) -> dict[int, tuple[int | None, int | None]] | None:
+        """Per axis (begin, end), None where computed at run time; unlisted axes are (0, 0)."""
+        if "pads" in node.attrs:  # opset < 11
+            values: list | None = [int(v) for v in node.attrs["pads"]]
+            axes: list[int] | None = list(range(rank))
+        else:
+            values = ctx.partial_values(node.inputs[1])
+            axes = _listed_axes(node, ctx, rank, 3)
+        if values is None or axes is None or len(values) != 2 * len(axes):
+            return None
+        out = {a: (0, 0) for a in range(rank)}
+        for i, a in enumerate(axes):
+            out[a] = (values[i], values[i + len(axes)])
+        return out
+
+    @staticmethod
+    def _fill(node: gs.Node, ctx: AnalysisContext) -> float | None:
+        """The constant fill value (0 when absent), None when computed."""
+        if "value" in node.attrs:
+            return float(node.attrs["value"])
+        tensor = _optional(node, 2)
+        if tensor is None:
+            return 0.0
+        value = ctx.const(tensor)
+        return None if value is None or value.size != 1 else float(value.reshape(-1)[0])
+
+
+register(ResizeRule())
+register(PadRule())
