@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import helper
 
 INLINE_BYTES = 1 << 16  # tensors smaller than this stay in memory / inline in the model
+ALIGN = 4096  # offset alignment of large tensors in a data file (ONNX Runtime can map them in place)
+ALIGN_ABOVE = 1 << 20  # tensors at least this large are aligned
 
 
 class FileValues(LazyValues):
@@ -56,25 +57,6 @@ class FileValues(LazyValues):
         return data.reshape(self.shape)
 
 
-def externalize(model: onnx.ModelProto, store: "TensorStore") -> onnx.ModelProto:
-    """Move large embedded initializers out of the protobuf into the store's scratch file.
-
-    A model under 2 GB carries its weights inside the protobuf; shape inference and every
-    export would copy them again. After this, the proto holds only external references.
-    """
-    if store.scratch is None:
-        return model
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < INLINE_BYTES:
-            continue
-        values = store.put(tensor.name, numpy_helper.to_array(tensor))
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        del tensor.external_data[:]
-        tensor.external_data.extend(values.tensor.external_data)
-    return model
-
-
 def shared_values(values):
     """Values for a second constant reading the same data (graphsurgeon exports a LazyValues'
     TensorProto under its owner's name, so two constants must never share one)."""
@@ -110,18 +92,32 @@ def external_values(tensor: onnx.TensorProto, base_dir: Path) -> FileValues | No
 
 
 class TensorStore:
-    """Holds rewritten tensors: in memory below :data:`INLINE_BYTES`, in a scratch file above."""
+    """Holds rewritten tensors: in memory below :data:`INLINE_BYTES`, in a file above.
+
+    Tensors go to the scratch file until :meth:`open_final` names the server's data file; from then
+    on (the fold pass, whose tensors are final) they are written there directly, aligned, so that
+    emit only records where they are instead of copying them again.
+    """
 
     def __init__(self, scratch: str | Path | None = None) -> None:
         self.scratch = Path(scratch) if scratch is not None else None
         self._handle = None
         self.bytes_written = 0
+        self.final: Path | None = None
+        self.final_location: str | None = None
+        self._final_handle = None
+
+    def open_final(self, path: str | Path, location: str) -> None:
+        """Write every tensor stored from now on into ``path`` (referenced as ``location`` in the model)."""
+        self.final, self.final_location = Path(path), location
 
     def put(self, name: str, array: np.ndarray):
         """Store ``array``; returns what to assign to a ``gs.Constant``'s values."""
         array = np.asarray(array, order="C")  # (ascontiguousarray would turn scalars into [1])
         if self.scratch is None or array.nbytes < INLINE_BYTES:
             return array
+        if self.final is not None:
+            return self.append_final(name, array)
         from eecompile.staging import writing
 
         with writing(self.scratch):
@@ -129,13 +125,153 @@ class TensorStore:
                 self.scratch.parent.mkdir(parents=True, exist_ok=True)
                 self._handle = open(self.scratch, "ab")
             offset = self._handle.seek(0, os.SEEK_END)
-            array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(self._handle)
-            self._handle.flush()
+            _write(self._handle, array)
         self.bytes_written += array.nbytes
         return FileValues(self.scratch, offset, array.shape, array.dtype, name)
 
+    def append_final(self, name: str, array: np.ndarray) -> "FileValues":
+        """Append ``array`` to the final data file (offset aligned to :data:`ALIGN` for large tensors)."""
+        from eecompile.staging import writing
+
+        with writing(self.final):
+            if self._final_handle is None:
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                self._final_handle = open(self.final, "ab")
+            offset = self._final_handle.seek(0, os.SEEK_END)
+            if array.nbytes >= ALIGN_ABOVE and offset % ALIGN:
+                self._final_handle.write(b"\0" * (ALIGN - offset % ALIGN))
+                offset = self._final_handle.tell()
+            _write(self._final_handle, array)
+        self.bytes_written += array.nbytes
+        return FileValues(self.final, offset, array.shape, array.dtype, name, location=self.final_location)
+
     def close(self) -> None:
-        """Close the scratch file (its values stay readable)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Close the scratch and final files (their values stay readable)."""
+        for attr in ("_handle", "_final_handle"):
+            handle = getattr(self, attr)
+            if handle is not None:
+                handle.close()
+                setattr(self, attr, None)
+
+
+def _write(handle, array: np.ndarray) -> None:
+    """Raw little-endian C-order bytes of ``array`` at the handle's position, flushed."""
+    array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(handle)
+    handle.flush()
+
+
+# -- reading a model's structure without its weights ------------------------------------------
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_RAW_DATA = 1, 2, 9
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, payload start, payload end) of each field in ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, after = _varint(buf, pos)
+        elif wire == 1:
+            after = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            after = pos + length
+        elif wire == 5:
+            after = pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if after > end:
+            raise ValueError("truncated protobuf field")
+        yield number, wire, first, pos, after
+        pos = after
+
+
+def _length_field(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _slim_tensor(buf, start: int, end: int, location: str) -> bytes | None:
+    """A TensorProto's bytes with its large ``raw_data`` replaced by an external reference into the file
+    itself, or None when it has none worth moving."""
+    raw = None
+    for number, wire, first, pos, after in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2:
+            raw = (first, pos, after)
+    if raw is None or raw[2] - raw[1] < INLINE_BYTES:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(bytes(buf[start:raw[0]]) + bytes(buf[raw[2]:end]))
+    length = raw[2] - raw[1]
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    if expected != length:
+        from eecompile.errors import ModelFileError
+
+        raise ModelFileError(f"initializer '{tensor.name}' holds {length} bytes of data, its shape "
+                             f"{list(tensor.dims)} needs {expected}")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(raw[1])), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor.SerializeToString()
+
+
+def load_structure(path: str | Path) -> onnx.ModelProto:
+    """The model at ``path`` with every large embedded weight left in the file.
+
+    The protobuf is walked without parsing the weights: each initializer whose ``raw_data`` is at
+    least :data:`INLINE_BYTES` becomes an external-data reference to its own bytes inside ``path``
+    (location: the file's name, relative to its folder), so memory holds the graph, never the
+    weights, and nothing is copied. Raises ``ValueError`` on a malformed file.
+    """
+    import mmap
+
+    path = Path(path)
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise ValueError("empty file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            parts = []
+            graph_parts = []
+            for number, wire, first, pos, after in _fields(buf, 0, len(buf)):
+                if number != _MODEL_GRAPH or wire != 2:
+                    parts.append(bytes(buf[first:after]))
+                    continue
+                for g_number, g_wire, g_first, g_pos, g_after in _fields(buf, pos, after):
+                    slim = None
+                    if g_number == _GRAPH_INITIALIZER and g_wire == 2:
+                        slim = _slim_tensor(buf, g_pos, g_after, path.name)
+                    graph_parts.append(bytes(buf[g_first:g_after]) if slim is None
+                                       else _length_field(_GRAPH_INITIALIZER, slim))
+    parts.append(_length_field(_MODEL_GRAPH, b"".join(graph_parts)))
+    model = onnx.ModelProto()
+    model.ParseFromString(b"".join(parts))
+    return model
