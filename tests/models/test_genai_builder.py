@@ -1,10 +1,11 @@
-"""ONNX Runtime GenAI's model builder output compiles (issue 10): a tiny random Llama, fp32 and int4 (CPU).
+"""ONNX Runtime GenAI's model builder output, compiled and served by the stock runtime on ciphertext (issue 10).
 
-The builder writes ONNX Runtime ops (SimplifiedLayerNormalization in the default domain, com.microsoft
-SkipSimplifiedLayerNormalization, GroupQueryAttention, MatMulNBits for int4). Loading accepts them through
-ONNX Runtime's op registry, the norms and quantised weights have rules, and the compiled model verifies
-exactly (prefill and a decode step). GroupQueryAttention has no rule yet: its spaces (and the KV cache)
-stay clear, which the report says.
+For each architecture × precision (``-p fp32`` / ``-p int4 -e cpu``; tiny random checkpoints): compile
+verifies exactly against the same builder model (int4: the original int4 model, grid-keeping bases), no
+activation or KV-cache output of the server equals the plaintext run, and ``og.Generator`` on the
+compiled folder — fed client-encrypted prompt ids — generates, once decrypted, exactly what it generates
+on the original folder from the plaintext ids: greedy for 32 tokens, and seeded sampling.
+Llama fp32/int4 run by default (CI); the other architectures are marked slow.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-import eecompile
-from eecompile.keys import MasterKey
 from eecompile.models import hf_decoders as hd
+from eecompile.runtime.generate import GenerationClient
 
-pytest.importorskip("onnxruntime_genai")
-pytestmark = pytest.mark.slow
+og = pytest.importorskip("onnxruntime_genai")
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "phi3", "granite")
+DEFAULT_RUN = {("llama", "fp32"), ("llama", "int4")}
+PROMPT = [1, 17, 42, 99, 5, 200, 33]
 
 
 def _tokenizer(directory: Path) -> None:
@@ -37,10 +40,17 @@ def _tokenizer(directory: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama_checkpoint(tmp_path_factory) -> Path:
-    directory = hd.build_checkpoint("llama", tmp_path_factory.mktemp("genai") / "checkpoint")
-    _tokenizer(directory)
-    return directory
+def checkpoints(tmp_path_factory):
+    """``checkpoints(arch)``: a tiny random checkpoint with a tokenizer, built once per module."""
+    root = tmp_path_factory.mktemp("genai")
+    made: dict[str, Path] = {}
+
+    def _get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = hd.build_checkpoint(arch, root / arch)
+            _tokenizer(made[arch])
+        return made[arch]
+    return _get
 
 
 def _build(checkpoint: Path, out: Path, precision: str) -> Path:
@@ -51,28 +61,83 @@ def _build(checkpoint: Path, out: Path, precision: str) -> Path:
     return out / "model.onnx"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_builder_output_compiles_exactly(precision, llama_checkpoint, tmp_path):
-    model = _build(llama_checkpoint, tmp_path / precision, precision)
-    head_size = json.loads((model.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
-    # A fixed key keeps the run reproducible. (int4 MatMulNBits quantise activations to int8, accuracy_level 4:
-    # verification compares those nodes with float activations, see verify._verification_session.)
-    key = MasterKey(bytes(range(32)))
-    result = eecompile.compile_model(model, key, tmp_path / "out")  # kv_cache_dim from genai_config.json
-    report = result.report
-    assert f"kv_cache_dim={head_size}" in report["verification"]["detail"]
-    assert report["verification"]["checked"] and report["verification"]["max_relative_error"] <= 1e-5
-    assert report["validity"].startswith("onnx.checker + ONNX Runtime op registry (ops onnx.checker does not "
-                                         "know: SimplifiedLayerNormalization, com.microsoft::GroupQueryAttention")
-    assert report["server_validity"] == report["validity"]
-    assert {u["op_type"] for u in report["unsupported_ops"]} == {"GroupQueryAttention"}
-    residual = next(s for s in report["spaces"] if "/model/embed_tokens/Gather/output_0" in s["tensors"])
-    if precision == "fp32":
-        assert residual["basis"] == "orthogonal"  # one dense basis on the whole residual stream
-        assert "/model/layers.0/post_attention_layernorm/output_3" in residual["tensors"]
-    else:
-        assert residual["basis"] == "permutation" and residual["blocks"] == hd.HIDDEN // 32  # int4 blocks of 32
+CASES = [pytest.param(arch, precision, id=f"{arch}-{precision}",
+                      marks=() if (arch, precision) in DEFAULT_RUN else pytest.mark.slow)
+         for arch in ARCHS for precision in ("fp32", "int4")]
+
+
+@pytest.mark.parametrize("arch,precision", CASES)
+def test_builder_model_served_by_stock_runtime_on_ciphertext(arch, precision, checkpoints, tmp_path):
+    from eecompile.genai import genai_generate, run_generator
+
+    model = _build(checkpoints(arch), tmp_path / precision, precision)
+    from eecompile.cli import main
+
+    out, key = tmp_path / "out", tmp_path / "key"
+    assert main(["keygen", str(key)]) == 0
+    assert main(["compile", str(model), "--key", str(key), "--out", str(out)]) == 0  # as a user runs it
+    report = json.loads((out / "report.json").read_text())
+    verification = report["verification"]
+    assert verification["checked"] and verification["max_relative_error"] <= 1e-5, verification
+    assert "decode step" in verification["detail"]
+    assert report["unsupported_ops"] == []
+    assert report["validity"].startswith("onnx.checker + ONNX Runtime op registry")
+    exposure = report["exposure"]
+    assert exposure["checked"] and exposure["intermediates_compared"] > 0
+    assert exposure["intermediates_exposed"] == 0, exposure["exposed"]
+    assert exposure["state_outputs_compared"] == 2 * hd.LAYERS and exposure["state_outputs_exposed"] == 0
+    for io in report["outputs"]:  # logits permuted, every KV-cache output ciphertext
+        assert io["protection"] != "clear", io
+    if precision == "int4":
         assert any(p.startswith("quantised weights kept on their grid") for p in report["policies"])
-        assert any("int8 (accuracy_level 4)" in p for p in report["policies"])
-        assert "MatMulNBits node(s) compared with float activations" in report["verification"]["detail"]
-    assert next(o for o in report["outputs"] if o["name"] == "logits")["protection"] != "clear"
+
+    # The server folder is what og.Model loads; the special ids in its config are the server's.
+    server = out / "server"
+    assert sorted(p.name for p in server.iterdir()) in (["genai_config.json", "model.onnx"],
+                                                          ["genai_config.json", "model.onnx", "model.onnx.data"])
+    source = json.loads((model.parent / "genai_config.json").read_text())
+    served = json.loads((server / "genai_config.json").read_text())
+    client = GenerationClient.load(out / "client")
+    assert served["model"]["eos_token_id"] == client.encrypt_ids([source["model"]["eos_token_id"]])[0]
+    assert served["model"]["pad_token_id"] == client.encrypt_ids([source["model"]["pad_token_id"]])[0]
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        served["model"].pop(key), source["model"].pop(key)
+    assert served == source  # nothing else in it derives from the key
+    assert (out / "client" / "tokenizer.json").is_file()
+
+    greedy = genai_generate(out, PROMPT, 32)
+    assert greedy.prompt_wire_ids == client.encrypt_ids(PROMPT) != PROMPT
+    assert greedy.plain_ids == run_generator(model.parent, PROMPT, 32) and len(greedy.plain_ids) == 32
+    assert greedy.wire_ids != greedy.plain_ids  # the server produced ciphertext ids
+    for seed, top_k in ((7, None), (11, 5)):
+        sampled = genai_generate(out, PROMPT, 32, temperature=0.8, top_k=top_k, seed=seed)
+        assert sampled.plain_ids == run_generator(model.parent, PROMPT, 32, temperature=0.8, top_k=top_k, seed=seed)
+
+
+def test_generate_cli_runs_the_stock_runtime(checkpoints, tmp_path):
+    """``eecompile generate OUT --runtime genai``: ids in, the decrypted ids out, equal to plaintext genai."""
+    from eecompile.cli import main
+    from eecompile.genai import run_generator
+
+    model = _build(checkpoints("llama"), tmp_path / "fp32", "fp32")
+    key = tmp_path / "key"
+    assert main(["keygen", str(key)]) == 0
+    out = tmp_path / "out"
+    assert main(["compile", str(model), "--key", str(key), "--out", str(out)]) == 0
+    proc = subprocess.run([sys.executable, "-m", "eecompile", "generate", str(out), "--runtime", "genai",
+                           "--prompt-ids", " ".join(map(str, PROMPT)), "--max-new-tokens", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [int(t) for t in proc.stdout.split()] == run_generator(model.parent, PROMPT, 16)
+    text = subprocess.run([sys.executable, "-m", "eecompile", "generate", str(out), "--runtime", "genai",
+                           "--prompt", "t5 t9 t33", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert text.returncode == 0 and len(text.stdout.split()) == 4 and all(t.startswith("t") for t in text.stdout.split())
+
+
+def test_generate_genai_on_a_folder_without_config_is_one_line(tmp_path):
+    from eecompile.errors import BundleError
+    from eecompile.genai import genai_generate
+
+    (tmp_path / "server").mkdir()
+    with pytest.raises(BundleError, match="has no genai_config.json"):
+        genai_generate(tmp_path, [1, 2], 4)
