@@ -162,7 +162,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     shapes, feeds = _verify_inputs(args)
     result = compile_model(model, key, out, force=args.force, verify=not args.no_verify, notice=_notice,
                            verify_shapes=shapes, verify_feeds=feeds,
-                           options=CompileOptions(requantize=args.requantize, policy=args.policy))
+                           options=CompileOptions(requantize=args.requantize, policy=args.policy),
+                           progress=False if args.quiet else None)
     if tokenizer:
         from eecompile.runtime.generate import model_context_length
         from eecompile.runtime.tokenizer import add_tokenizer_to_bundle
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty OUT_DIR, replacing its eecompile artifacts")
     p.add_argument("--allow-insecure-key", action="store_true",
                    help="use a key file that the group or others may access (refused otherwise; chmod 600 fixes it)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar on stderr (it shows only when stderr is a terminal anyway)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking encrypt → server → decrypt against the original on random inputs "
                         "(without it, a model that cannot be verified is not compiled)")

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from eecompile.passes.rebase import analyze_with_policy
 from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
                                      verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
-from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore
+from eecompile.passes.store import ALIGN, INLINE_BYTES, FileValues, TensorStore
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
@@ -64,6 +65,17 @@ def _ort_warnings_quiet():
         yield
     finally:
         ort.set_default_logger_severity(2)
+
+
+PHASE_LOGGER = logging.getLogger("eecompile.phase")
+"""Logs ``phase NAME SECONDS`` at debug level as each compile phase ends (benchmarks time the phases with it)."""
+
+
+@contextmanager
+def _phase(name: str):
+    start = time.perf_counter()
+    yield
+    PHASE_LOGGER.debug("phase %s %.3f", name, time.perf_counter() - start)
 
 
 def _initializers_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -181,39 +193,76 @@ def model_id(server_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _emit_server(mg: ModelGraph, server_dir: Path) -> tuple[Path, onnx.ModelProto]:
-    """Write the server model; large weights stream, one tensor at a time, into model.onnx.data."""
+def _emit_server(mg: ModelGraph, server_dir: Path, store: TensorStore | None = None) -> tuple[Path, onnx.ModelProto]:
+    """Write the server model; large weights go to model.onnx.data, one tensor at a time.
+
+    Tensors the fold pass wrote into that file (``store.open_final``) stay where they are; the others
+    (weights no rule changed, small constants above :data:`INLINE_BYTES`) are appended. At most
+    :data:`EXTERNAL_DATA_THRESHOLD` bytes of weights in all, everything is inlined into model.onnx instead.
+    """
     server_dir.mkdir(parents=True, exist_ok=True)
     path = server_dir / "model.onnx"
+    data_path = server_dir / DATA_FILE
+    store = store if store is not None else TensorStore(None)
+    if store.final is None or store.final.resolve() != data_path.resolve():
+        store.open_final(data_path, DATA_FILE)
     constants = list({id(t): t for t in mg.graph.tensors().values() if isinstance(t, gs.Constant)}.values())
     total = sum(int(np.prod(c.shape, dtype=np.int64)) * np.dtype(c.dtype).itemsize for c in constants)
+    final = str(data_path.resolve())
     if total > EXTERNAL_DATA_THRESHOLD:
-        data_path = server_dir / DATA_FILE
-        with staging.writing(data_path), open(data_path, "wb") as fh:
-            for c in constants:
-                array = np.asarray(c.values, order="C")  # keeps 0-d scalars 0-d
-                c.data_location = None
-                if array.nbytes < INLINE_BYTES:
-                    c.values = array
-                    continue
-                offset = fh.tell()
-                array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(fh)
-                c._values = FileValues(data_path, offset, array.shape, array.dtype, c.name, location=DATA_FILE)
+        for c in constants:
+            c.data_location = None
+            values = c._values
+            if isinstance(values, FileValues) and str(Path(values.path).resolve()) == final:
+                continue
+            array = np.asarray(values.load() if isinstance(values, LazyValues) else values, order="C")  # 0-d stays 0-d
+            c._values = array if array.nbytes < INLINE_BYTES else store.append_final(c.name, array)
+        store.close()
+        _compact(constants, data_path)
     else:
         for c in constants:
             if isinstance(c._values, LazyValues):
                 c.values = c._values.load()
             c.data_location = None
+        store.close()
+        data_path.unlink(missing_ok=True)
     model = mg.export()
     with staging.writing(path):
         onnx.save_model(model, str(path))
     return path, model
 
 
+def _compact(constants: list[gs.Constant], data_path: Path) -> None:
+    """Rewrite ``data_path`` with the live tensors only when it holds dead bytes (a tensor folded twice)."""
+    final = str(data_path.resolve())
+    live = sorted((c._values.offset, c) for c in constants
+                  if isinstance(c._values, FileValues) and str(Path(c._values.path).resolve()) == final)
+    if not data_path.exists():
+        return
+    end, dead = 0, False
+    for offset, c in live:
+        dead |= offset - end >= ALIGN or offset < end
+        end = offset + c._values.nbytes
+    dead |= data_path.stat().st_size - end >= ALIGN
+    if not dead:
+        return
+    fresh = TensorStore(None)
+    temp = data_path.with_name(data_path.name + ".compact")
+    fresh.open_final(temp, DATA_FILE)
+    for _, c in live:
+        c._values = fresh.append_final(c.name, c._values.load())
+    fresh.close()
+    with staging.writing(data_path):
+        os.replace(temp, data_path)
+    for _, c in live:
+        c._values = FileValues(data_path, c._values.offset, c._values.shape, c._values.np_dtype, c.name,
+                               location=DATA_FILE)
+
+
 def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: str | Path, *,
                   force: bool = False, verify: bool = True, verify_feeds: list[dict] | None = None,
                   verify_shapes: dict[str, int] | None = None, notice: Notice | None = None,
-                  options: CompileOptions | None = None) -> CompileResult:
+                  options: CompileOptions | None = None, progress: bool | None = None) -> CompileResult:
     """Compile ``model_path`` with ``key`` into ``out_dir`` (server/, client/, report.json, report.md).
 
     Everything is written into a staging folder inside ``out_dir`` and published at the end;
@@ -227,6 +276,10 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     themselves); when no inputs fit, :class:`CannotVerify` is raised and nothing is written.
     ``options`` (:class:`CompileOptions`) holds the non-default choices; with ``requantize`` the
     check measures the accuracy change instead of requiring exactness (:mod:`eecompile.accuracy`).
+    ``progress``: a progress bar on stderr while the weights fold (None: when stderr is a terminal).
+
+    Memory holds the graph and the tensor being folded, not the model: weights are read from their
+    file when their rule folds them and written to the server's data file as soon as they are final.
     """
     if not isinstance(key, MasterKey):
         key_path = Path(key)
@@ -240,7 +293,8 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _compile_into(model_path, key, out, verify, verify_feeds, verify_shapes, options or CompileOptions())
+        return _compile_into(model_path, key, out, verify, verify_feeds, verify_shapes, options or CompileOptions(),
+                             progress)
     except BaseException:
         if created:  # leave nothing behind for a compilation that failed
             shutil.rmtree(out, ignore_errors=True)
@@ -249,20 +303,24 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
                   verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None,
-                  options: CompileOptions = CompileOptions()) -> CompileResult:
+                  options: CompileOptions = CompileOptions(), progress: bool | None = None) -> CompileResult:
     with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work:
         scratch = work.path / "scratch.bin"
         new = work.path / staging.NEW
         store = TensorStore(scratch)
-        mg, analysis, normalized = _analysed(model_path, store, options)
-        bases = plan(analysis, key)
+        with _phase("analyse"):
+            mg, analysis, normalized = _analysed(model_path, store, options)
+        with _phase("plan"):
+            bases = plan(analysis, key)
         boundary = insert(analysis, bases)
         state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
-        fold(analysis, bases)
+        store.open_final(new / "server" / DATA_FILE, DATA_FILE)  # folded weights are final: written once, there
+        with _phase("fold"):
+            fold(analysis, bases, progress)
         _record_context(mg, model_path)
         staging.fault_point("emit")
-        server_path, server_model = _emit_server(mg, new / "server")
-        store.close()
+        with _phase("emit"):
+            server_path, server_model = _emit_server(mg, new / "server", store)
         scratch.unlink(missing_ok=True)
         server_validity = check_structure(server_model, server_path)
         genai_config = write_server_config(model_path, new / "server", Client(boundary))  # builder folders only
@@ -271,9 +329,10 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                     input_types=_value_types(server_model.graph.input),
                     output_types=_value_types(server_model.graph.output))
         if verify:
-            result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds,
-                                        shapes=verify_shapes, state=state,
-                                        tolerance=float("inf") if options.requantize else DEFAULT_TOLERANCE)
+            with _phase("verify"):
+                result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds,
+                                            shapes=verify_shapes, state=state,
+                                            tolerance=float("inf") if options.requantize else DEFAULT_TOLERANCE)
             if not result.checked:
                 raise CannotVerify(f"cannot verify the compiled model: {result.detail}; give the input sizes with "
                                    "--verify-shapes NAME=SIZE,... (symbols such as batch_size, sequence_length, "
@@ -290,7 +349,9 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         report["policy"] = options.policy
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
                                   "detail": result.detail}
-        report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis, work.path)
+        with _phase("exposure"):
+            report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis,
+                                                      work.path)
         report["warnings"].extend(exposure_warnings(report["exposure"]))
         report["server_validity"] = server_validity.describe()
         report["key_fingerprint"] = key.fingerprint()

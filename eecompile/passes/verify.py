@@ -394,10 +394,11 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     ``state`` (:func:`state_transforms`) lets a non-empty cache be encrypted and the
     ``present*`` outputs be decrypted and compared; without it the past length is 0. When
     no feeds fit the original model the result is not ``checked``; its detail says why.
+    Only one model is in memory at a time: the original runs first on every input (and its own decode
+    step), is released, and then the compiled model runs on the encrypted inputs.
     """
     try:
         ref, int8 = _verification_session(original)
-        enc, _ = _verification_session(server)
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
     index_sizes = {t.name: t.index.size for t in client.spec.inputs if t.kind == "index"}
@@ -428,21 +429,29 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
             return VerifyResult(False, None, f"skipped: the original model runs on none of "
                                              f"{len(candidates)} generated input shapes "
                                              f"(first failure with {error})")
-    worst, decoded, notes = 0.0, False, []
+    runs = []  # per input: (feeds, expected outputs, the decode step or why it was not run)
     for feeds, symbols in plans:
         try:
             expected = dict(zip(names, ref.run(names, feeds)))
         except Exception as exc:
             return VerifyResult(False, None, f"skipped: the original model does not run on the given inputs "
                                              f"({_first_line(exc)})")
+        step = _plain_step(ref, client, feeds, symbols, expected, names, index_sizes) if has_state else None
+        runs.append((feeds, expected, step))
+    del ref
+    try:
+        enc, _ = _verification_session(server)
+    except Exception as exc:  # ORT raises its own exception types
+        return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
+    worst, decoded, notes = 0.0, False, []
+    for feeds, expected, step in runs:
         got = _run_encrypted(enc, names, (full or client).encrypt(feeds))
         worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tolerance, "prefill"))
-        if has_state:
-            step = _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, index_sizes, tolerance)
-            if isinstance(step, str):
-                notes.append(step)
-            else:
-                worst, decoded = max(worst, step), True
+        if isinstance(step, str):
+            notes.append(step)
+        elif step is not None:
+            worst, decoded = max(worst, _encrypted_step(enc, client, full, step, got, names, tolerance)), True
+    del enc
     detail = f"max relative error {worst:.2e} over {len(plans)} input(s)"
     if plans and plans[0][1]:
         detail += f" of shape {_shape_text(plans[0][1])}"
@@ -512,8 +521,11 @@ def _compare(expected, decrypted, client, full, tolerance, step: str) -> float:
     return worst
 
 
-def _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, index_sizes, tolerance):
-    """Feed ``present*`` back as ``past*`` with one new token; compare. Returns the error, or why it was not run."""
+def _plain_step(ref, client, feeds, symbols, expected, names, index_sizes):
+    """The original's decode step: ``present*`` fed back as ``past*`` with one new token.
+
+    Returns ``(step feeds, cache pairs, expected outputs)``, or why the step was not run.
+    """
     pairs = state_pairs(client.state_inputs, client.state_outputs)
     if not pairs or len(pairs) != len(client.state_inputs):
         return "the cache inputs do not pair with present outputs by name"
@@ -535,6 +547,12 @@ def _decode_step(ref, enc, client, full, feeds, symbols, expected, got, names, i
         expected2 = dict(zip(names, ref.run(names, plain)))
     except Exception as exc:
         return f"the original does not take its own cache back ({_first_line(exc)})"
-    cipher = {**client.encrypt(step), **{past: got[present] for past, present in pairs}}
+    return step, pairs, expected2
+
+
+def _encrypted_step(enc, client, full, step, got, names, tolerance) -> float:
+    """The compiled model's decode step on its own (encrypted) cache, compared with the original's."""
+    feeds, pairs, expected2 = step
+    cipher = {**client.encrypt(feeds), **{past: got[present] for past, present in pairs}}
     got2 = _run_encrypted(enc, names, cipher)
     return _compare(expected2, (full or client).decrypt(got2), client, full, tolerance, "decode step")
