@@ -51,6 +51,10 @@ class GatherNDRule(OpRule):
             ctx.clear_all(node, "GatherND indexes the protected axis", [data])
             return
         offset = len(ishape) - 1 - lead
+        if ctx.rank(y) != rank + offset:  # ONNX Runtime's symbolic inference ignores batch_dims
+            ctx.clear_all(node, f"GatherND output rank {ctx.rank(y)} disagrees with its inputs' "
+                                f"({rank + offset}); shape inference got batch_dims wrong", [data])
+            return
         ctx.set(y, x.moved(x.axis + offset, None if x.head_axis is None else x.head_axis + offset))
 
 

@@ -1,0 +1,129 @@
+"""eecompile.passes.rules.spatial: Resize and Pad.
+
+Resizing or padding axes other than the protected one keeps its basis (a non-zero constant fill
+only keeps bases that map ones to ones); a constant pad of the protected axis appends a clear
+block; resizing, reflecting or repeating the protected axis clears it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+C = 4
+
+
+def _f(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _conv_sandwich(build, rng, middle: list, x_shape, y_shape, inits=None, opset=19):
+    """Conv -> middle (reads 'h', writes 'm') -> Conv."""
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["h"], name="conv1"), *middle,
+             helper.make_node("Conv", ["m", "W2"], ["y"], name="conv2")]
+    weights = {"W1": _f(rng, C, 3, 1, 1), "b1": _f(rng, C), "W2": _f(rng, 2, C, 1, 1), **(inits or {})}
+    return build(nodes, [("x", FLOAT, x_shape)], [("y", FLOAT, y_shape)], weights, opset=opset)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+def test_resize_of_spatial_axes_keeps_any_basis(mode, rng, build, lint, compile_exact):
+    resize = helper.make_node("Resize", ["h", "", "scales"], ["m"], name="resize", mode=mode)
+    path = _conv_sandwich(build, rng, [resize], ["B", 3, 4, 4], ["B", 2, 8, 8],
+                          {"scales": np.array([1, 1, 2, 2], np.float32)})
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == "invertible" and "m" in space["tensors"]
+    assert not report["unsupported_ops"]
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def test_resize_to_computed_sizes(rng, build, lint, compile_exact):
+    """sizes = Concat(Shape(h)[0:2], [6, 6]): the channel dim is read through the shape arithmetic."""
+    nodes = [helper.make_node("Shape", ["h"], ["hs"], name="shape", start=0, end=2),
+             helper.make_node("Concat", ["hs", "hw"], ["sizes"], name="sizes", axis=0),
+             helper.make_node("Resize", ["h", "", "", "sizes"], ["m"], name="resize", mode="linear")]
+    path = _conv_sandwich(build, rng, nodes, ["B", 3, 4, 4], ["B", 2, 6, 6], {"hw": np.array([6, 6], np.int64)})
+    report = lint(path)
+    assert report.basis("h") == "invertible" and "m" in report.space("h")["tensors"]
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def test_resize_of_the_channel_axis_clears(rng, build, lint, compile_exact):
+    resize = helper.make_node("Resize", ["h", "", "scales"], ["m"], name="resize", mode="nearest")
+    path = build([helper.make_node("Conv", ["x", "W1"], ["h"], name="conv1"), resize,
+                  helper.make_node("Conv", ["m", "W2"], ["y"], name="conv2")],
+                 [("x", FLOAT, ["B", 3, 4, 4])], [("y", FLOAT, ["B", 2, 4, 4])],
+                 {"W1": _f(rng, C, 3, 1, 1), "scales": np.array([1, 2, 1, 1], np.float32),
+                  "W2": _f(rng, 2, 2 * C, 1, 1)}, opset=19)
+    report = lint(path)
+    assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "resize"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+@pytest.mark.parametrize("mode,value,basis", [("constant", 0.0, "invertible"), ("constant", 1.5, "ones-orthogonal"),
+                                              ("reflect", None, "invertible"), ("edge", None, "invertible")])
+def test_pad_of_spatial_axes(mode, value, basis, rng, build, lint, compile_exact):
+    inputs = ["h", "pads"] + (["value"] if value is not None else [])
+    inits = {"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)}
+    if value is not None:
+        inits["value"] = np.array(value, np.float32)
+    pad = helper.make_node("Pad", inputs, ["m"], name="pad", mode=mode)
+    path = _conv_sandwich(build, rng, [pad], ["B", 3, 4, 4], ["B", 2, 7, 7], inits)
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == basis and "m" in space["tensors"]
+    if basis != "invertible":
+        assert space["limited_by"]["node"] == "pad"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def _feature_pad(build, rng, pads: list[int], mode: str = "constant", value: float = 0.0):
+    """MatMul -> Pad on [B, S, D] (pads on S and D) -> MatMul."""
+    width = 6 + pads[2] + pads[5]
+    return build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("Pad", ["h", "pads", "value"], ["m"], name="pad", mode=mode),
+                  helper.make_node("MatMul", ["m", "W2"], ["y"], name="mm2")],
+                 [("x", FLOAT, ["B", 3, 4])], [("y", FLOAT, ["B", 3 + pads[1] + pads[4], 2])],
+                 {"W1": _f(rng, 4, 6), "pads": np.array(pads, np.int64), "value": np.array(value, np.float32),
+                  "W2": _f(rng, width, 2)}, opset=19)
+
+
+def test_constant_pad_of_the_feature_axis_appends_a_clear_block(rng, build, lint, compile_exact):
+    path = _feature_pad(build, rng, [0, 0, 2, 0, 1, 1], value=0.5)
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == "ones-orthogonal"  # the fill 0.5 also lands in the new token along S
+    assert "m" in space["tensors"]
+    fills = [s for s in report["spaces"] if "/pad_" in s["name"]]
+    assert len(fills) == 2 and all(s["basis"] == "clear" for s in fills)
+    compile_exact(path, {"x": _f(rng, 2, 3, 4)})
+
+
+def test_negative_pad_crops_the_feature_axis_to_whole_blocks(rng, build, lint, compile_exact):
+    path = _feature_pad(build, rng, [0, 0, -2, 0, 0, 0])
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == "block-invertible" and space["blocks"] == 2  # the first 2 coordinates are cut off
+    assert report.protection("outputs", "y") == "basis change on axis 2: invertible"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4)})
+
+
+def test_reflect_pad_of_the_feature_axis_clears(rng, build, lint, compile_exact):
+    path = _feature_pad(build, rng, [0, 0, 1, 0, 0, 1], mode="reflect")
+    report = lint(path)
+    assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "pad"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4)})
+
+
+def test_pad_with_computed_pads_clears(rng, build, lint, compile_exact):
+    """Pads fed at run time: whether they touch the feature axis is unknown, so it is cleared."""
+    path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+                  helper.make_node("Pad", ["h", "pads"], ["m"], name="pad"),
+                  helper.make_node("ReduceSum", ["m"], ["y"], name="sum", keepdims=0)],
+                 [("x", FLOAT, ["B", 3, 4]), ("pads", INT64, [6])], [("y", FLOAT, [])],
+                 {"W1": _f(rng, 4, 6)}, opset=19)
+    report = lint(path)
+    assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "pad"
+    compile_exact(path, {"x": _f(rng, 2, 3, 4), "pads": np.array([0, 1, 0, 0, 0, 2], np.int64)})
