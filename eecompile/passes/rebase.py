@@ -57,16 +57,29 @@ def _roots(analysis: Analysis, ann) -> tuple | None:
     return tuple(ctx.spaces.find(r) for r in ctx.blocks(ann))
 
 
-def _has_nonlinear_use(analysis: Analysis, tensor: gs.Tensor) -> bool:
-    """Whether a consumer of ``tensor`` keeps its space going (anything but a constant-weight MatMul/Gemm)."""
-    for consumer in tensor.outputs:
-        if consumer.op in ("Shape", "Size"):
+MIXING_OPS = frozenset({"Add", "Sub", "Sum"})
+NORM_OPS = frozenset({"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
+                      "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+
+
+def _lifts_something(analysis: Analysis, tensor: gs.Tensor, roots: tuple, budget: int = 256) -> bool:
+    """Whether the space goes on past ``tensor`` into ops that bring in other activations or normalise
+    (a residual stream), rather than only into scalings and moves before a linear layer (an MLP's GELU):
+    only then does a fresh space after ``tensor`` hide more than the permuted tensor shows already."""
+    ctx = analysis.ctx
+    stack, seen = [tensor], set()
+    while stack and len(seen) < budget:
+        t = stack.pop()
+        if t.name in seen:
             continue
-        weight = analysis.mg.const_shape(consumer.inputs[1]) if len(consumer.inputs) > 1 else None
-        linear = (consumer.op in ("MatMul", "Gemm") and consumer.inputs[0] is tensor and weight is not None
-                  and len(weight) == 2 and not consumer.attrs.get("transA", 0))
-        if not linear:
-            return True
+        seen.add(t.name)
+        for consumer in t.outputs:
+            if consumer.op in NORM_OPS:
+                return True
+            if consumer.op in MIXING_OPS and any(i is not t and i.name and not isinstance(i, gs.Constant)
+                                                 and ctx.get(i) is not None for i in consumer.inputs):
+                return True
+            stack.extend(o for o in consumer.outputs if _roots(analysis, ctx.get(o)) == roots)
     return False
 
 
@@ -79,7 +92,7 @@ def _point_after(analysis: Analysis, node: gs.Node, roots: tuple) -> gs.Tensor |
         while tensor is not None and _roots(analysis, ctx.get(tensor)) == roots and steps < 8:
             rank = ctx.rank(tensor)
             if rank is not None and ctx.get(tensor).axis == rank - 1:
-                return tensor if _has_nonlinear_use(analysis, tensor) else None
+                return tensor if _lifts_something(analysis, tensor, roots) else None
             users = [c for c in tensor.outputs if c.op not in ("Shape", "Size")]
             tensor = users[0].outputs[0] if len(users) == 1 and users[0].outputs else None
             steps += 1
@@ -91,7 +104,7 @@ def rebase_points(analysis: Analysis) -> list[RebasePoint]:
 
     Every norm whose gain is bound (see :func:`eecompile.passes.rules.norms.settle_gains`), and for every
     other space of a permutation-type class the op that set that class, when its output carries the space
-    on to something other than a linear layer.
+    on into a norm or a sum with other activations (a residual stream, see :func:`_lifts_something`).
     """
     ctx, mg = analysis.ctx, analysis.mg
     by_name = {n.name: n for n in mg.nodes}
