@@ -48,6 +48,10 @@ LIFT_TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("", r"per-head norm's gain", INHERENT,
      "one gain vector shared by all heads before RoPE: only a sign per frequency pair commutes with norm, "
      "gain and rotation (the decomposed norm allows quarter turns)"),
+    (r"MatMulNBits", r"quanti[sz]", POLICY,
+     "compile with --requantize: the quantised weights are re-quantised after a dense basis is folded in (not "
+     "exact; compile measures the logit and greedy-token change against the original), or quantise after "
+     "compiling the float model"),
     ("", r"no rule for op", RE_EXPORT, "re-export with the op decomposed into standard ONNX ops (or add an op "
                                        "rule to eecompile.passes.rules)"),
     ("", r"cannot follow the protected axis|reshape of a tensor with unknown shape|with computed (bounds|axes)"
