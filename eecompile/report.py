@@ -58,9 +58,16 @@ LIFT_TABLE: tuple[tuple[str, str, str, str], ...] = (
          r"|with unknown axes|unknown rank", RE_EXPORT, _STATIC_SHAPES),
     ("", r"(split|slice) inside attention heads", RE_EXPORT,
      "re-export with separate q/k/v projections (unfuse the fused QKV weight)"),
+    ("", r"its gain cannot be folded: ", POLICY,
+     "the norm's gain reaches an op that is neither a linear layer nor a move of the feature axis (named in the "
+     "reason), so it stays in the graph and must be permuted; `--policy rebase` moves it into one inserted d×d "
+     "MatMul after the norm, or re-export with the gain applied where only linear layers read it"),
+    ("", r"its gain is kept", FOLLOWS,
+     "another op already permutes this space (see its other limits); once that is lifted the gain folds"),
     ("", r"per-coordinate constant|gain", POLICY,
-     "fold the norm gain into the following linear layers (possible when every consumer of the normalised "
-     "tensor is a linear layer; a tied embedding must be untied)"),
+     "fold the gain into what reads the normalised tensor: eecompile does so when it reaches only linear "
+     "layers, ops that move the feature axis (Gather/Slice/Reshape/Transpose) and graph outputs (the client "
+     "applies it); a tied embedding must be untied"),
     ("", r"tied|shares? the token-id permutation|vocabulary", INHERENT,
      "logits share the token-id permutation so generated ids feed back; only a permutation reads ids"),
     ("", r"token ids|index values|gather (along|from)", INHERENT,
@@ -99,7 +106,29 @@ def lift(limit: dict | None, basis: str) -> dict | None:
     return {"kind": UNKNOWN, "how": f"no known remedy for {limit['op_type'] or 'this limit'}: {limit['reason']}"}
 
 
-def _space_entry(analysis: Analysis, root: int) -> dict:
+def rebase_hints(analysis: Analysis) -> dict[int, dict]:
+    """``{space root: lift}`` for the weak spaces the ``rebase`` policy would lift, naming the binding ops and
+    the cost (none once the policy was applied: its points are already in the graph)."""
+    from eecompile.passes.rebase import rebase_points
+
+    if any(p.startswith("policy rebase") for p in analysis.policies):
+        return {}
+    spaces = analysis.ctx.spaces
+    by_root: dict[int, list] = {}
+    for point in rebase_points(analysis):
+        by_root.setdefault(spaces.find(Ref(point.space)).space, []).append(point)
+    hints = {}
+    for root, points in by_root.items():
+        d = points[0].size
+        ops = _names([f"{p.binding_op} '{p.binding_node}'" for p in points], 3)
+        hints[root] = {"kind": POLICY, "how": (
+            f"`--policy rebase` would make this dense at the cost of one {d}×{d} MatMul per binding op "
+            f"({len(points)} here, after {ops}): the stream after each starts a fresh space that takes a dense "
+            f"basis, measured side by side by `eecompile bench`; the default adds nothing")}
+    return hints
+
+
+def _space_entry(analysis: Analysis, root: int, hints: dict[int, dict] | None = None) -> dict:
     spaces = analysis.ctx.spaces
     leaf = spaces.leaves[root]
     blocks = spaces.expand((Ref(root),))
@@ -127,16 +156,25 @@ def _space_entry(analysis: Analysis, root: int) -> dict:
         "class": weakest.value,
         "blocks": len(blocks),
         "limited_by": limited_by,
-        "lift": lift(limited_by, basis),
+        "lift": _lift_with_hints(limited_by, basis, [root, *(b.space for b in blocks)], hints or {}),
         "tensors": tensors,
     }
+
+
+def _lift_with_hints(limited_by: dict | None, basis: str, roots: list[int], hints: dict[int, dict]) -> dict | None:
+    """The rebase hint for a space the policy would lift, else :func:`lift`'s table entry."""
+    found = lift(limited_by, basis)
+    if found is None:
+        return None
+    return next((hints[r] for r in roots if r in hints), found)
 
 
 def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: str,
                  boundary=None) -> dict:
     """The report dictionary for an analysed model (``boundary``: the insert pass's spec)."""
     spaces = analysis.ctx.spaces
-    entries = [_space_entry(analysis, r) for r in spaces.top_roots()]
+    hints = rebase_hints(analysis)
+    entries = [_space_entry(analysis, r, hints) for r in spaces.top_roots()]
     entries = [e for e in entries if e["tensors"] or e["basis"] != "clear"]
     io = {}
     for side, tensors in (("inputs", analysis.mg.graph.inputs), ("outputs", analysis.mg.graph.outputs)):
