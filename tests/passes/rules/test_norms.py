@@ -170,3 +170,121 @@ def test_residual_block_conv_batchnorm_add(rng, build, lint, compile_exact):
     assert report.space("b1")["name"] == report.space("r0")["name"]
     assert report.space("c1")["class"] == "monomial"
     compile_exact(path, {"x": _f(rng, 2, 3, 5, 5)})
+
+
+# -- gains folded through feature-preserving ops, into the client, or bound ---------------------
+
+
+def _ln(x, out, name="norm"):
+    return helper.make_node("LayerNormalization", [x, "g", "b"], [out], name=name, axis=-1)
+
+
+def _ln_inits(rng, **weights):
+    return {"W1": _f(rng, 4, D), "g": _f(rng, D) + 2.0, "b": _f(rng, D), **weights}
+
+
+def test_gain_folds_through_cls_gather_and_into_the_client(rng, build, lint, compile_exact):
+    """ViT's tail: the final norm is a graph output and feeds a CLS Gather (sequence axis) into a Gemm."""
+    nodes = [_mm("x", "W1", "h"), _ln("h", "n"),
+             helper.make_node("Gather", ["n", "cls"], ["c"], name="cls", axis=1),
+             helper.make_node("Gemm", ["c", "Wp", "bp"], ["p"], name="pool", transB=1),
+             helper.make_node("Tanh", ["p"], ["y"], name="tanh")]
+    path = build(nodes, [("x", FLOAT, ["B", 5, 4])], [("n", FLOAT, ["B", 5, D]), ("y", FLOAT, ["B", 3])],
+                 _ln_inits(rng, cls=np.array(0, np.int64), Wp=_f(rng, 3, D), bp=_f(rng, 3)), opset=17)
+    report = lint(path)
+    assert report.basis("h") == "ones-orthogonal" and "c" in report.space("h")["tensors"]
+    assert any("client multiplies the gain into output(s) n" in p for p in report["policies"])
+    assert report.protection("outputs", "n") == "basis change on axis 2: ones-orthogonal"
+    result = compile_exact(path, [{"x": _f(rng, 2, 5, 4)}, {"x": _f(rng, 1, 5, 4)}])
+    assert result.verification.checked
+
+
+@pytest.mark.parametrize("move", ["transpose-last", "reshape-gemm", "slice-squeeze", "unsqueeze-expand"])
+def test_gain_folds_through_moves_into_linear_layers(move, rng, build, lint, compile_exact):
+    nodes = [_mm("x", "W1", "h"), _ln("h", "n")]
+    inits = _ln_inits(rng)
+    if move == "transpose-last":
+        nodes += [helper.make_node("Transpose", ["n"], ["t"], name="mv", perm=[1, 0, 2]), _mm("t", "W2", "y")]
+        inits["W2"], out = _f(rng, D, 3), ("y", FLOAT, [5, 2, 3])
+    elif move == "reshape-gemm":
+        nodes += [helper.make_node("Reshape", ["n", "flat"], ["t"], name="mv"),
+                  helper.make_node("Gemm", ["t", "W2"], ["y"], name="gemm", transB=1)]
+        inits["flat"], inits["W2"], out = np.array([-1, D], np.int64), _f(rng, 3, D), ("y", FLOAT, [10, 3])
+    elif move == "slice-squeeze":
+        nodes += [helper.make_node("Slice", ["n", "s0", "s1", "ax"], ["sl"], name="mv"),
+                  helper.make_node("Squeeze", ["sl", "ax"], ["t"], name="sq"), _mm("t", "W2", "y")]
+        inits.update(s0=np.array([4], np.int64), s1=np.array([5], np.int64), ax=np.array([1], np.int64),
+                     W2=_f(rng, D, 3))
+        out = ("y", FLOAT, [2, 3])
+    else:
+        nodes += [helper.make_node("Unsqueeze", ["n", "ax"], ["u"], name="mv"),
+                  helper.make_node("Expand", ["u", "shape"], ["t"], name="ex"), _mm("t", "W2", "y")]
+        inits.update(ax=np.array([1], np.int64), shape=np.array([2, 3, 5, D], np.int64), W2=_f(rng, D, 3))
+        out = ("y", FLOAT, [2, 3, 5, 3])
+    path = build(nodes, [("x", FLOAT, [2, 5, 4])], [out], inits, opset=17)
+    report = lint(path)
+    assert report.basis("h") == "ones-orthogonal"
+    assert "t" in report.space("h")["tensors"]
+    assert any("norm gains folded through feature-preserving ops" in p for p in report["policies"])
+    compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+
+
+def test_gain_into_an_output_whose_feature_axis_moved(rng, build, lint, tmp_path):
+    """A Transpose moves the feature axis to 1 before the output: the client applies the gain on axis 1,
+    in numpy and in decrypt.onnx alike."""
+    import onnxruntime as ort
+
+    import eecompile
+    from eecompile.runtime.client import Client
+
+    nodes = [_mm("x", "W1", "h"), _ln("h", "n"), helper.make_node("Transpose", ["n"], ["y"], name="mv", perm=[0, 2, 1])]
+    path = build(nodes, [("x", FLOAT, [2, 5, 4])], [("y", FLOAT, [2, D, 5])], _ln_inits(rng), opset=17)
+    assert lint(path).protection("outputs", "y") == "basis change on axis 1: ones-orthogonal"
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    client = Client.load(result.client_dir)
+    assert client.spec.outputs[0].gain is not None and client.spec.outputs[0].axis == 1
+    x = _f(rng, 2, 5, 4)
+    server = ort.InferenceSession(str(result.server_model), providers=["CPUExecutionProvider"])
+    (cipher,) = server.run(None, client.encrypt({"x": x}))
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    plain = client.decrypt({"y": cipher})["y"]
+    onnx_plain = ort.InferenceSession(str(result.client_dir / "decrypt.onnx"),
+                                      providers=["CPUExecutionProvider"]).run(None, {"y": cipher})[0]
+    assert np.abs(plain - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(onnx_plain - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("blocker", ["residual-add", "feature-slice"])
+def test_gain_bound_by_an_op_names_it(blocker, rng, build, lint, compile_exact):
+    """A post-LN norm feeding the residual Add, or a Slice of the feature axis, binds the gain."""
+    nodes = [_mm("x", "W1", "h"), _ln("h", "n")]
+    inits = _ln_inits(rng)
+    if blocker == "residual-add":
+        nodes += [_mm("n", "W2", "f"), helper.make_node("Add", ["n", "f"], ["s"], name="residual"),
+                  _mm("s", "W3", "y")]
+        inits.update(W2=_f(rng, D, D), W3=_f(rng, D, 3))
+        blocking = "Add 'residual'"
+    else:
+        nodes += [helper.make_node("Slice", ["n", "s0", "s1", "ax"], ["t"], name="half"), _mm("t", "W3", "y")]
+        inits.update(s0=np.array([0], np.int64), s1=np.array([D // 2], np.int64), ax=np.array([2], np.int64),
+                     W3=_f(rng, D // 2, 3))
+        blocking = "Slice 'half'"
+    path = build(nodes, [("x", FLOAT, [2, 5, 4])], [("y", FLOAT, [2, 5, 3])], inits, opset=17)
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == "permutation"
+    assert space["limited_by"]["node"] == "norm" and blocking in space["limited_by"]["reason"]
+    assert not any("norm gains folded" in p for p in report["policies"])
+    compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+
+
+def test_gain_kept_where_the_space_is_permuted_anyway(rng, build, lint, compile_exact):
+    """Folding into the client would lift nothing (a Relu already permutes the space): the gain stays."""
+    nodes = [_mm("x", "W1", "h0"), helper.make_node("Relu", ["h0"], ["h"], name="relu"), _ln("h", "n"),
+             _mm("n", "W2", "y")]
+    path = build(nodes, [("x", FLOAT, [2, 5, 4])], [("y", FLOAT, [2, 5, 3]), ("n", FLOAT, [2, 5, D])],
+                 _ln_inits(rng, W2=_f(rng, D, 3)), opset=17)
+    report = lint(path)
+    assert report.basis("h") == "permutation"
+    assert not any("norm gains folded" in p for p in report["policies"])
+    compile_exact(path, {"x": _f(rng, 2, 5, 4)})
