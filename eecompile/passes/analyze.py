@@ -77,7 +77,7 @@ def analyze(mg: ModelGraph) -> Analysis:
                 break  # reads no values: leaves the input for a later consumer to bind
             if tensor.name in graph_inputs and tensor.name not in bound:
                 bound.add(tensor.name)
-                ann = _bind(node, index, rule, ctx)
+                ann = inst.bind_input(node, index, ctx) if inst is not None else _bind(node, index, rule, ctx)
                 if isinstance(ann, IndexValues) and POSITION_INPUT.search(tensor.name):
                     ctx.spaces.clear(ann.ref, ctx.limit(node, "position ids are public: the server computes "
                                                              "them when it generates"))

@@ -114,6 +114,10 @@ def _linear_consumer(node: gs.Node, tensor: gs.Tensor, requantize: bool = False)
     quantised one too: the gain is applied to its rows when it is re-quantised)."""
     if requantize and node.op == "MatMulNBits" and node.inputs[0] is tensor and node.name:
         return all(isinstance(t, gs.Constant) for t in node.inputs[1:3])
+    if requantize and node.op == "MatMul" and node.inputs[0] is tensor and node.name and node.inputs[1].inputs:
+        dq = node.inputs[1].inputs[0]  # a QDQ weight: DequantizeLinear of constants, read by this MatMul only
+        return (dq.op == "DequantizeLinear" and len(node.inputs[1].outputs) == 1
+                and all(isinstance(t, gs.Constant) for t in dq.inputs if t.name))
     if node.op == "MatMul" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
         return len(node.inputs[1].shape) == 2
     if node.op == "Gemm" and node.inputs[0] is tensor and isinstance(node.inputs[1], gs.Constant):
@@ -122,7 +126,7 @@ def _linear_consumer(node: gs.Node, tensor: gs.Tensor, requantize: bool = False)
 
 
 def _scale_rows(mg: ModelGraph, node: gs.Node, gain: np.ndarray) -> None:
-    if node.op == "MatMulNBits":
+    if node.op == "MatMulNBits" or not isinstance(node.inputs[1], gs.Constant):  # quantised: applied on re-quantising
         previous = mg.row_gains.get(node.name)
         mg.row_gains[node.name] = gain if previous is None else previous * gain
         return

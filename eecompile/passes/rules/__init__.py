@@ -75,6 +75,7 @@ def _load_families() -> None:
         linear,
         norms,
         pooling,
+        qdq,
         quantized,
         reductions,
         rotary,

@@ -52,6 +52,10 @@ class PatternInstance:
         self.nodes = nodes
         self.anchor = anchor
 
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        """Annotation for graph input ``node.inputs[index]`` that node ``node`` of the subgraph reads first."""
+        return None
+
     def analyze(self, ctx: AnalysisContext) -> None:
         """Propagate annotations through the whole subgraph."""
         raise NotImplementedError

@@ -252,12 +252,15 @@ def _monomial(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantized_weight_policies(mg, ctx) -> list[str]:
-    """Report lines: which option each quantised weight got (the exact one, or left clear)."""
+    """Report lines: which option each quantised weight got (MatMulNBits and QDQ weights: kept on the grid,
+    re-quantised, or left clear)."""
+    from eecompile.passes.rules.qdq import qdq_weight_policies
+
+    lines = qdq_weight_policies(mg, ctx)
     nodes = [n for n in mg.nodes if n.op == "MatMulNBits" and (n.domain or "") == MS_DOMAIN]
     if not nodes:
-        return []
+        return lines
     kept = [n.name for n in nodes if MatMulNBitsRule._params(n, ctx) is not None]
-    lines = []
     if kept and mg.options.requantize:
         lines.append(f"quantised weights re-quantised (--requantize: dense bases, not exact) in {len(kept)} "
                      "MatMulNBits node(s): dequantised, folded, quantised again with the same bits and block size "
