@@ -39,6 +39,8 @@ class BenchResult:
     ratio_spread: float
     shim_ms_p50: float
     shim_share: float
+    policy: str = "default"
+    """The compile policy (report.json): ``rebase`` adds re-basing MatMuls, whose cost the ratio shows."""
 
     def to_json(self) -> str:
         """One JSON object."""
@@ -46,7 +48,8 @@ class BenchResult:
 
     def to_text(self) -> str:
         """A short human-readable summary."""
-        return (f"model {self.model} on {self.provider}, batch {self.batch}, seq {self.seq}, {self.iters} iterations\n"
+        return (f"model {self.model} on {self.provider}, batch {self.batch}, seq {self.seq}, {self.iters} iterations, "
+                f"compile policy {self.policy}\n"
                 f"  plaintext : p50 {self.plaintext_ms_p50:8.3f} ms   p90 {self.plaintext_ms_p90:8.3f} ms\n"
                 f"  encrypted : p50 {self.encrypted_ms_p50:8.3f} ms   p90 {self.encrypted_ms_p90:8.3f} ms\n"
                 f"  ratio     : {self.ratio:.3f} ± {self.ratio_spread:.3f} (paired, half the p10–p90 range)\n"
@@ -124,6 +127,10 @@ def run_bench(out_dir: str | Path, *, provider: str = "cpu", batch: int = 1, seq
     server = out / "server" / "model.onnx"
     if not server.is_file():
         raise BundleError(f"no compiled model in {out} (server/model.onnx missing)")
+    try:
+        policy = str(json.loads((out / "report.json").read_text()).get("policy", "default"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        policy = "default"
     if original is None:
         try:
             original = json.loads((out / "report.json").read_text())["source_model"]
@@ -186,5 +193,5 @@ def run_bench(out_dir: str | Path, *, provider: str = "cpu", batch: int = 1, seq
         encrypted_ms_p50=float(np.median(enc_t)), encrypted_ms_p90=float(np.percentile(enc_t, 90)),
         ratio=float(np.median(enc_t) / np.median(plain_t)),
         ratio_spread=float((np.percentile(paired, 90) - np.percentile(paired, 10)) / 2),
-        shim_ms_p50=shim, shim_share=shim / (shim + float(np.median(enc_t))),
+        shim_ms_p50=shim, shim_share=shim / (shim + float(np.median(enc_t))), policy=policy,
     )
