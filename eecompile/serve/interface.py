@@ -56,8 +56,10 @@ class ServedModel:
 
     @property
     def is_decoder(self) -> bool:
-        """Whether the model has the decoder interface generation uses (``input_ids`` in, ``logits`` out)."""
-        return any(t.name == "input_ids" for t in self.inputs) and any(t.name == "logits" for t in self.outputs)
+        """Whether the model has the decoder interface generation uses: ``input_ids`` in, ``logits``
+        ``[batch, sequence, vocab]`` out (a classifier's 2-D logits are not a decoder's)."""
+        return any(t.name == "input_ids" for t in self.inputs) and \
+            any(t.name == "logits" and len(t.shape) == 3 for t in self.outputs)
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
