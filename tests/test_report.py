@@ -218,3 +218,53 @@ def test_weak_spaces_say_what_would_lift_them(rng, tmp_path):
     assert lift({"node": "n", "op_type": "Relu", "reason": "Relu commutes only with positive monomial bases"},
                 "monomial")["kind"] == "inherent to the op"
     assert lift(reshape, "orthogonal") is None
+
+
+@pytest.mark.parametrize("limit,basis,kind,says", [
+    ({"op_type": "LayerNormalization", "reason": "its gain cannot be folded: Add 'residual' is neither a linear "
+      "layer nor an op that only moves the feature axis, so the gain stays and must be permuted"}, "permutation",
+     "policy", "--policy rebase"),
+    ({"op_type": "LayerNormalization", "reason": "its gain is kept (the space is permuted anyway), so it must be "
+      "permuted"}, "permutation", "follows another space", "once that is lifted the gain folds"),
+    ({"op_type": "Mul", "reason": "multiplied by a per-coordinate constant"}, "monomial", "policy", "graph outputs"),
+    ({"op_type": "Gelu", "reason": "Gelu commutes only with a permutation basis"}, "permutation",
+     "inherent to the op", "elementwise nonlinearity"),
+    ({"op_type": "Tanh", "reason": "Tanh commutes only with a signed-permutation basis"}, "signed-permutation",
+     "inherent to the op", "elementwise nonlinearity"),
+    ({"op_type": "Mul", "reason": "product of a tensor with itself"}, "permutation", "inherent to the op", "product"),
+])
+def test_every_weak_class_and_binding_op_gets_a_concrete_hint(limit, basis, kind, says):
+    from eecompile.report import lift
+
+    found = lift({"node": "n", **limit}, basis)
+    assert found["kind"] == kind and says in found["how"]
+
+
+def test_a_space_the_rebase_policy_lifts_says_so_with_its_cost(rng, tmp_path):
+    """A post-LN gain feeding the residual Add: the lint names the norm and ``--policy rebase``'s cost; under
+    the policy the report records it and no space still carries the hint."""
+    from eecompile.passes.options import CompileOptions
+
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="in_proj"),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], name="post_ln", axis=-1),
+             helper.make_node("MatMul", ["n", "W2"], ["f"], name="ffn"),
+             helper.make_node("Add", ["n", "f"], ["s"], name="residual"),
+             helper.make_node("MatMul", ["s", "W3"], ["y"], name="head")]
+    inits = [numpy_helper.from_array(v, k) for k, v in
+             {"W1": f(4, 16), "g": f(16) + 2.0, "b": f(16), "W2": f(16, 16), "W3": f(16, 3)}.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", FLOAT, ["B", 4])],
+                              [helper.make_tensor_value_info("y", FLOAT, ["B", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "post_ln.onnx"
+    onnx.save(model, str(path))
+    report = eecompile.lint_model(path)
+    stream = next(s for s in report["spaces"] if "s" in s["tensors"])
+    assert stream["basis"] == "permutation" and stream["limited_by"]["node"] == "post_ln"
+    assert stream["lift"]["how"].startswith("`--policy rebase` would make this dense at the cost of one 16×16 "
+                                            "MatMul per binding op (1 here, after LayerNormalization 'post_ln')")
+    assert stream["lift"]["how"] in render_text(report)
+    rebased = eecompile.lint_model(path, options=CompileOptions(policy="rebase"))
+    assert rebased["policy"] == "rebase"
+    assert all("--policy rebase" not in (s["lift"] or {}).get("how", "") for s in rebased["spaces"])
+    assert next(s for s in rebased["spaces"] if "s" in s["tensors"])["basis"] == "invertible"  # no norm after it
