@@ -1,13 +1,20 @@
-"""Scale sweep: compile cost of Llama-style models from ~10 M to ~1 B parameters.
+"""Scale sweep: compile cost of Llama-style models from ~10 M to ~1 B parameters, against its floor.
 
-For each configuration: export with random weights and external data (setup, not timed),
-compile in a fresh process (wall time and peak RSS of that process), report GB/s of
-weights processed, and time the encrypted vs the plaintext model side by side in one
-ONNX Runtime process (interleaved, warm), as a latency ratio.
+For each configuration: export with random weights (setup, not timed), compile in a fresh process with
+verification on (wall time, time per phase, peak RSS overall and per phase of that process), then, in
+the same process right after, measure the **floor**: the machine's BLAS time for the very dense
+products the compile did (recorded while it ran: every dense block product, replayed as bare float64
+``np.matmul`` on preallocated arrays) plus the time to read the model's weight bytes once and write them
+once. Compile time is reported as a ratio to that floor and peak RSS against the largest tensor (the
+bound is 2 x largest + 1 GiB). The latency columns time the encrypted vs the plaintext model side by
+side in one ONNX Runtime process (interleaved, warm).
 
-    python benchmarks/scale_sweep.py [--points 10M,50M,200M,1B] [--workdir DIR] [--skip-latency-above N]
+    python benchmarks/scale_sweep.py [--points 10M,50M,200M,1B,8Bfp16] [--workdir DIR] [--no-latency]
 
-Writes benchmarks/results/scale_sweep.md and scale_sweep.png.
+``8Bfp16`` is two decoder layers, the embedding and the LM head of Llama-3-8B's shapes (hidden 4096,
+MLP 14336, vocabulary 128256) in float16 (its largest tensors, 1 GiB each), compiled without
+verification (ONNX Runtime's CPU provider lacks float16 kernels for part of the graph).
+Writes benchmarks/results/scale_sweep.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ CONFIGS = {
     "50M": dict(vocab_size=16000, hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1376),
     "200M": dict(vocab_size=32000, hidden=1024, layers=12, heads=16, kv_heads=4, head_dim=64, intermediate=2816),
     "1B": dict(vocab_size=32000, hidden=2048, layers=20, heads=32, kv_heads=8, head_dim=64, intermediate=5632),
+    "8Bfp16": dict(vocab_size=128256, hidden=4096, layers=2, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+                   dtype="float16"),
 }
+NO_VERIFY = {"8Bfp16"}
 COMMON = dict(rms_norm_eps=1e-5, rope_theta=10000.0, max_positions=2048, tied_embeddings=False)
 
 
@@ -44,14 +54,17 @@ def export(name: str, workdir: Path) -> tuple[Path, int]:
 
     target = workdir / name / "model.onnx"
     cfg = {**CONFIGS[name], **COMMON}
+    dtype = cfg.pop("dtype", "float32")
+    if target.exists():
+        return target, _params(target)
     torch.manual_seed(0)
     with torch.no_grad():
         model = TinyLlama(cfg).eval()
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+        if dtype == "float16":
+            model = model.half()
     params = sum(p.numel() for p in model.parameters())
-    if target.exists():
-        return target, params
     target.parent.mkdir(parents=True, exist_ok=True)
     in_names, out_names = llama_io_names(cfg["layers"])
     torch.onnx.export(model, llama_example_inputs(cfg, batch=1, seq=2, past=1), str(target), dynamo=False,
@@ -62,27 +75,146 @@ def export(name: str, workdir: Path) -> tuple[Path, int]:
     return target, params
 
 
+def _params(model: Path) -> int:
+    return int(sum(np.prod(s) for s, _ in _weights(model)))
+
+
 def disk_bytes(model: Path) -> int:
     """Size of a model and its external data on disk."""
     return sum(p.stat().st_size for p in model.parent.iterdir() if p.is_file())
 
 
-def compile_in_child(model: Path, out: Path) -> tuple[float, float]:
-    """Compile in a fresh process; (wall seconds, peak RSS GiB of that process)."""
+def compile_in_child(model: Path, out: Path, verify: bool) -> dict:
+    """Compile in a fresh process and measure the floor there right after (see :func:`child`)."""
     key = out.parent / "key.json"
     if not key.exists():
         subprocess.run([sys.executable, "-m", "eecompile", "keygen", str(key)], check=True,
                        stdout=subprocess.DEVNULL)
-    # Peak RSS from /proc/self/status VmHWM: it belongs to this process's own address space.
-    # (getrusage's ru_maxrss survives exec, so a child forked from this big parent would
-    # report the parent's peak.)
-    code = ("import time; from eecompile import compile_model; t=time.perf_counter(); "
-            f"compile_model({str(model)!r}, {str(key)!r}, {str(out)!r}, force=True, verify=False); "
-            "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
-            "print(time.perf_counter()-t, hwm)")
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    seconds, rss_kib = done.stdout.split()[-2:]
-    return float(seconds), int(rss_kib) / 2**20
+    command = [sys.executable, __file__, "--child", str(model), str(out), str(key)]
+    if not verify:
+        command.append("--no-verify")
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _hwm_gib(reset: bool = False) -> float:
+    """This process's peak RSS (VmHWM) in GiB; ``reset`` starts a new peak from the current RSS."""
+    kib = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+    return kib / 2**20
+
+
+def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
+    """The compile, timed per phase, with every dense product recorded; then the floor, measured here.
+
+    Peak RSS (VmHWM, this process's own address space; ``getrusage`` would count the parent's) is read
+    and reset at each phase end, so each phase's peak is its own.
+    """
+    import logging
+
+    from eecompile import compile_model
+    from eecompile.passes import context
+    from eecompile.passes.basis import Basis
+
+    products: list[tuple[int, int]] = []  # (rows, k): one (rows x k) @ (k x k) float64 product each
+    block_right, basis_right = context.block_right, Basis.right
+
+    def recording_block(basis, array, axis, out=None):
+        if basis.dense is not None:
+            products.append((int(np.prod(array.shape)) // basis.size, basis.size))
+        return block_right(basis, array, axis, out)
+
+    def recording_right(self, array, axis=-1):
+        if self.dense is not None:
+            products.append((int(np.size(array)) // self.size, self.size))
+        return basis_right(self, array, axis)
+
+    context.block_right, Basis.right = recording_block, recording_right
+    phases: dict[str, dict] = {}
+
+    class Phases(logging.Handler):
+        def emit(self, record):
+            _, name, seconds = record.getMessage().split()
+            phases[name] = {"s": float(seconds), "peak_rss_gib": _hwm_gib(reset=True)}
+
+    logger = logging.getLogger("eecompile.phase")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Phases())
+    _hwm_gib(reset=True)
+    start = time.perf_counter()
+    result = compile_model(str(model), str(key), str(out), force=True, verify=verify, progress=False)
+    seconds = time.perf_counter() - start
+    peak = max([p["peak_rss_gib"] for p in phases.values()] + [_hwm_gib()])
+    context.block_right, Basis.right = block_right, basis_right
+    weights = _weights(model)
+    floor_blas = blas_time(products)
+    floor_io = io_time(model, out.parent / "io-floor.bin")
+    return dict(compile_s=seconds, peak_rss_gib=peak, phases=phases, dense_products=len(products),
+                dense_gflop=sum(2.0 * r * k * k for r, k in products) / 1e9, floor_blas_s=floor_blas,
+                floor_io_s=floor_io, floor_s=floor_blas + floor_io, ratio_to_floor=seconds / (floor_blas + floor_io),
+                largest_tensor_gib=max(int(np.prod(s)) * np.dtype(d).itemsize for s, d in weights) / 2**30,
+                weight_gib=sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in weights) / 2**30,
+                verified=result.verification.checked, max_relative_error=result.verification.max_relative_error,
+                blas_f32_vs_f64=precision_probe(products))
+
+
+def blas_time(products: list[tuple[int, int]]) -> float:
+    """Seconds the BLAS takes for these float64 products, on preallocated operands (one array per shape)."""
+    arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for rows, k in products:
+        if (rows, k) not in arrays:
+            arrays.clear()  # keep one shape's operands at a time
+            arrays[rows, k] = (rng.standard_normal((rows, k)), rng.standard_normal((k, k)), np.empty((rows, k)))
+        a, b, c = arrays[rows, k]
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        total += time.perf_counter() - t
+    return total
+
+
+def precision_probe(products: list[tuple[int, int]]) -> dict:
+    """float32 against float64 on the largest dense product's shape: time ratio and the relative error
+    of the float32 product (what computing the folds in float32 would cost in exactness)."""
+    if not products:
+        return {}
+    rows, k = max(products, key=lambda p: p[0] * p[1] * p[1])
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((min(rows, 8192), k)).astype(np.float32)
+    q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    t = time.perf_counter()
+    exact = a.astype(np.float64) @ q
+    t64 = time.perf_counter() - t
+    q32 = q.astype(np.float32)
+    t = time.perf_counter()
+    fast = a @ q32
+    t32 = time.perf_counter() - t
+    err = float(np.max(np.abs(fast - exact)) / np.max(np.abs(exact)))
+    rounded = float(np.max(np.abs(exact.astype(np.float32) - exact)) / np.max(np.abs(exact)))
+    return {"shape": [int(a.shape[0]), k], "f64_s": t64, "f32_s": t32, "f32_rel_error": err,
+            "f64_rounded_to_f32_rel_error": rounded}
+
+
+def io_time(model: Path, scratch: Path) -> float:
+    """Seconds to read the model's weight bytes once (its files, as the compile does) and write as many once."""
+    chunk = 64 << 20
+    t = time.perf_counter()
+    written = 0
+    with open(scratch, "wb") as out:
+        for path in sorted(p for p in model.parent.iterdir() if p.is_file() and p != scratch):
+            with open(path, "rb") as fh:
+                while block := fh.read(chunk):
+                    out.write(block)
+                    written += len(block)
+    seconds = time.perf_counter() - t
+    scratch.unlink()
+    return seconds
 
 
 def latency_ratio(model: Path, out: Path, iters: int) -> tuple[float, float, float]:
@@ -125,20 +257,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", default="10M,50M,200M,1B")
     parser.add_argument("--workdir", default="/tmp/eecompile-scale")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-latency", action="store_true", help="skip the plaintext/encrypted latency columns")
     parser.add_argument("--keep", action="store_true", help="keep exported models between runs")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "OUT", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-verify", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        model, out, key = (Path(p) for p in args.child)
+        print(json.dumps(child(model, out, key, not args.no_verify)), flush=True)
+        return 0
     workdir = Path(args.workdir)
     rows = []
     for name in args.points.split(","):
         model, params = export(name, workdir)
         out = workdir / name / "out"
-        seconds, rss = compile_in_child(model, out)
+        measured = compile_in_child(model, out, verify=name not in NO_VERIFY)
         size = disk_bytes(model)
-        largest = max(np.prod(s) * 4 for s in _weight_shapes(model))
-        p, e, ratio = latency_ratio(model, out, args.iters)
-        row = dict(point=name, params=params, disk_gib=size / 2**30, largest_tensor_mib=largest / 2**20,
-                   compile_s=seconds, peak_rss_gib=rss, gb_per_s=size / 1e9 / seconds,
-                   plaintext_ms_p50=p, encrypted_ms_p50=e, ratio=ratio)
+        bound = 2 * measured["largest_tensor_gib"] + 1
+        row = dict(point=name, params=params, disk_gib=size / 2**30, **measured, rss_bound_gib=bound,
+                   gb_per_s=size / 1e9 / measured["compile_s"])
+        if not args.no_latency and name not in NO_VERIFY:
+            p, e, ratio = latency_ratio(model, out, args.iters)
+            row.update(plaintext_ms_p50=p, encrypted_ms_p50=e, ratio=ratio)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if not args.keep:
@@ -147,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _weight_shapes(model: Path) -> list[tuple[int, ...]]:
+def _weights(model: Path) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every initializer, without reading the weights."""
     import onnx
+    from onnx import helper
 
-    proto = onnx.load(str(model), load_external_data=False)
-    return [tuple(t.dims) for t in proto.graph.initializer]
+    from eecompile.passes.store import load_structure
+
+    proto = load_structure(model)
+    return [(tuple(t.dims), np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))) for t in proto.graph.initializer]
 
 
 def write_results(rows: list[dict]) -> None:
@@ -164,13 +308,28 @@ def write_results(rows: list[dict]) -> None:
         pass
     lines = [f"Machine: {cpu}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM (CPU rows).", "",
-             "| config | params | model on disk | largest tensor | compile wall | peak RSS (compiler) | GB/s | "
-             "plaintext p50 | encrypted p50 | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | params | weights | largest tensor | compile wall | floor (BLAS + I/O) | ratio to floor | "
+             "peak RSS | bound 2x largest + 1 GiB | verified (max rel. error) | plaintext p50 | encrypted p50 | "
+             "latency ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['point']} | {r['params'] / 1e6:.0f} M | {r['disk_gib']:.2f} GiB | "
-                     f"{r['largest_tensor_mib']:.0f} MiB | {r['compile_s']:.1f} s | {r['peak_rss_gib']:.2f} GiB | "
-                     f"{r['gb_per_s']:.3f} | {r['plaintext_ms_p50']:.1f} ms | {r['encrypted_ms_p50']:.1f} ms | "
-                     f"{r['ratio']:.3f} |")
+        verified = f"yes ({r['max_relative_error']:.1e})" if r["verified"] else "off"
+        latency = (f"{r['plaintext_ms_p50']:.1f} ms | {r['encrypted_ms_p50']:.1f} ms | {r['ratio']:.3f}"
+                   if "ratio" in r else "– | – | –")
+        lines.append(f"| {r['point']} | {r['params'] / 1e6:.0f} M | {r['weight_gib']:.2f} GiB | "
+                     f"{r['largest_tensor_gib'] * 1024:.0f} MiB | {r['compile_s']:.1f} s | "
+                     f"{r['floor_s']:.1f} s ({r['floor_blas_s']:.1f} + {r['floor_io_s']:.1f}) | "
+                     f"{r['ratio_to_floor']:.2f} | {r['peak_rss_gib']:.2f} GiB | {r['rss_bound_gib']:.2f} GiB | "
+                     f"{verified} | {latency} |")
+    lines += ["", "Per phase (seconds / peak RSS GiB of that phase):", ""]
+    for r in rows:
+        lines.append(f"- {r['point']}: " + ", ".join(f"{k} {v['s']:.1f} s / {v['peak_rss_gib']:.2f}"
+                                                     for k, v in r["phases"].items()))
+    probe = next((r["blas_f32_vs_f64"] for r in reversed(rows) if r.get("blas_f32_vs_f64")), None)
+    if probe:
+        lines += ["", f"float32 vs float64 on a {probe['shape'][0]}x{probe['shape'][1]} product: "
+                      f"{probe['f64_s'] / max(probe['f32_s'], 1e-9):.1f}x faster, relative error "
+                      f"{probe['f32_rel_error']:.1e} (float64 rounded to float32: "
+                      f"{probe['f64_rounded_to_f32_rel_error']:.1e})."]
     if len(rows) >= 2:
         x = np.log([r["params"] for r in rows])
         y = np.log([r["compile_s"] for r in rows])
@@ -188,11 +347,12 @@ def write_results(rows: list[dict]) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     params = [r["params"] for r in rows]
     a.loglog(params, [r["compile_s"] for r in rows], "o-", label="compile wall (s)")
+    a.loglog(params, [r["floor_s"] for r in rows], "x:", label="floor: BLAS + weight I/O (s)")
     a.loglog(params, [r["peak_rss_gib"] for r in rows], "s-", label="peak RSS (GiB)")
     a.loglog(params, [r["disk_gib"] for r in rows], "^--", label="model on disk (GiB)")
     a.set_xlabel("parameters")
     a.legend()
-    b.semilogx(params, [r["ratio"] for r in rows], "o-")
+    b.semilogx([r["params"] for r in rows if "ratio" in r], [r["ratio"] for r in rows if "ratio" in r], "o-")
     b.axhline(1.0, color="grey", lw=0.5)
     b.set_xlabel("parameters")
     b.set_ylabel("encrypted / plaintext latency (CPU)")

@@ -1,0 +1,82 @@
+"""Where weights live while compiling: read in place from the model file, written once into the server's data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from eecompile.errors import ModelFileError
+from eecompile.passes.graph import ModelGraph, load_checked
+from eecompile.passes.store import ALIGN, ALIGN_ABOVE, INLINE_BYTES, FileValues, TensorStore, load_structure
+
+
+def _model(path, big: np.ndarray, small: np.ndarray):
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, big.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, big.shape[1]])],
+                              [numpy_helper.from_array(big, "W"), numpy_helper.from_array(small, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_embedded_weights_are_referenced_in_place_not_loaded(tmp_path):
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((128, 256)).astype(np.float32)  # 128 KiB: above INLINE_BYTES
+    small = rng.standard_normal(256).astype(np.float32)
+    path = _model(tmp_path / "m.onnx", big, small)
+    model = load_structure(path)
+    weights = {t.name: t for t in model.graph.initializer}
+    assert weights["W"].data_location == TensorProto.EXTERNAL and not weights["W"].raw_data
+    assert {e.key: e.value for e in weights["W"].external_data}["location"] == "m.onnx"  # relative, the file itself
+    assert weights["b"].data_location != TensorProto.EXTERNAL  # small weights stay inline
+    assert model.ByteSize() < INLINE_BYTES < big.nbytes
+    mg = ModelGraph(model, tmp_path)
+    assert isinstance(mg.tensors["W"]._values, FileValues)
+    np.testing.assert_array_equal(mg.const("W"), big)
+    np.testing.assert_array_equal(mg.const("b"), small)
+    assert isinstance(mg.tensors["W"]._values, FileValues), "reading a weight must not keep it in the graph"
+
+
+def test_compile_path_load_checks_the_structure(tmp_path):
+    path = _model(tmp_path / "m.onnx", np.ones((128, 256), np.float32), np.ones(256, np.float32))
+    model, validity = load_checked(path, TensorStore(tmp_path / "scratch.bin"))
+    assert validity.describe() == "onnx.checker"
+    assert not (tmp_path / "scratch.bin").exists(), "nothing is copied to scratch"
+    broken = onnx.load(str(path))
+    broken.graph.node[0].input[1] = "missing"
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ModelFileError, match="not a valid ONNX model.*missing"):
+        load_checked(tmp_path / "broken.onnx", TensorStore(tmp_path / "scratch.bin"))
+
+
+def test_a_weight_whose_data_does_not_fit_its_shape_is_refused(tmp_path):
+    path = _model(tmp_path / "m.onnx", np.ones((128, 256), np.float32), np.ones(256, np.float32))
+    model = onnx.load(str(path))
+    model.graph.initializer[0].dims[0] = 129
+    onnx.save(model, str(path))
+    with pytest.raises(ModelFileError, match="'W' holds 131072 bytes of data, its shape \\[129, 256\\] needs"):
+        load_checked(path, TensorStore(tmp_path / "scratch.bin"))
+
+
+def test_not_an_onnx_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\xff\xff\xff\xff not protobuf")
+    with pytest.raises(ModelFileError, match="not a readable ONNX model"):
+        load_checked(path, TensorStore(tmp_path / "scratch.bin"))
+
+
+def test_final_tensors_go_to_the_data_file_aligned(tmp_path):
+    store = TensorStore(tmp_path / "scratch.bin")
+    first = store.put("a", np.arange(INLINE_BYTES, dtype=np.uint8))
+    assert isinstance(first, FileValues) and first.path == str(tmp_path / "scratch.bin")
+    store.open_final(tmp_path / "model.onnx.data", "model.onnx.data")
+    small = store.put("s", np.arange(INLINE_BYTES // 4, dtype=np.float32) + 0.5)
+    large = store.put("l", np.arange(ALIGN_ABOVE // 4, dtype=np.float32).reshape(-1, 64))
+    store.close()
+    assert small.offset == 0 and large.offset % ALIGN == 0 and large.offset > 0
+    assert {e.key: e.value for e in large.tensor.external_data}["location"] == "model.onnx.data"
+    np.testing.assert_array_equal(large.load(), np.arange(ALIGN_ABOVE // 4, dtype=np.float32).reshape(-1, 64))
+    np.testing.assert_array_equal(small.load(), np.arange(INLINE_BYTES // 4, dtype=np.float32) + 0.5)
+    assert not isinstance(store.put("tiny", np.ones(3)), FileValues)  # below INLINE_BYTES: memory
