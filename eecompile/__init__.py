@@ -12,5 +12,14 @@ from eecompile.runtime.client import Client
 from eecompile.runtime.session import EncryptedSession
 
 __all__ = ["compile_model", "lint_model", "CompileResult", "Client", "EncryptedSession", "MasterKey",
-           "generate_key", "load_key", "save_key", "EECompileError"]
+           "generate_key", "load_key", "save_key", "EECompileError", "RemoteSession", "RemoteGenerator"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``RemoteSession`` / ``RemoteGenerator`` (eecompile.remote, the [serve] extra), imported on first use."""
+    if name in ("RemoteSession", "RemoteGenerator"):
+        from eecompile import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'eecompile' has no attribute {name!r}")

@@ -109,8 +109,8 @@ class EncryptedOnnxModel(MLModel):
                 raise InferenceError(f"input '{spec.name}' has datatype {datatype}; the model expects {spec.datatype}")
             shape = list(request_input.shape)
             if len(shape) != len(spec.shape) or any(w >= 0 and w != g for w, g in zip(spec.shape, shape)):
-                raise InferenceError(f"input '{spec.name}' has shape {shape}; the model expects "
-                                     f"{[d if d is not None else -1 for d in spec.dims]}")
+                expected = ", ".join("?" if d is None else str(d) for d in spec.dims)
+                raise InferenceError(f"input '{spec.name}' has shape {shape}; the model expects [{expected}]")
             try:
                 feeds[spec.name] = NumpyCodec.decode_input(request_input)
             except (ValueError, TypeError) as exc:
