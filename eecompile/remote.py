@@ -315,8 +315,9 @@ class RemoteDecoder:
 
         request = pb.ModelInferRequest(model_name=self.model_name)
         for key, value in params.items():
-            field = {bool: "bool_param", int: "int64_param", float: "double_param"}.get(type(value), "string_param")
-            setattr(request.parameters[key], field, value)
+            # MLServer's InferParameter has no double_param (KServe v2 has bool, int64, string): floats go as text
+            field = {bool: "bool_param", int: "int64_param"}.get(type(value), "string_param")
+            setattr(request.parameters[key], field, repr(value) if isinstance(value, float) else value)
         for name, array in (("input_ids", prompt), ("eos_ids", eos)):
             if name == "input_ids" or array.size:
                 tensor = request.inputs.add(name=name, datatype="INT64")

@@ -218,8 +218,9 @@ class GenerationModel(MLModel):
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise InferenceError(f"input 'input_ids' has shape {list(ids.shape)}; generation takes one prompt, [1, n]")
         try:
+            top_p = parameters.get("top_p")  # floats arrive as text over gRPC (MLServer has no double parameter)
             sampling = SamplingConfig(float(parameters.get("temperature", 0.0)), parameters.get("top_k"),
-                                      parameters.get("top_p"), parameters.get("seed"))
+                                      None if top_p is None else float(top_p), parameters.get("seed"))
             max_new = parameters.get("max_new_tokens", 32)
             if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
                 raise GenerationError(f"max_new_tokens must be a non-negative integer, got {max_new!r}")
