@@ -49,17 +49,18 @@ def _io(heads_kv: int):
     return inputs, outputs
 
 
+# Weights scaled by 1/sqrt(D), as trained models are: unit-variance projections keep the softmax unsaturated.
 def _gqa_model(build, rng, packed: bool = True, rotary_dim: int | None = HD, interleaved: int = 0):
     nodes = _mask_nodes()
     inits = {"one": np.array([1], np.int64), "one_scalar": np.array(1, np.int64),
-             "Wo": rng.standard_normal((D, D)).astype(np.float32)}
+             "Wo": (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)}
     if packed:
-        inits["Wqkv"] = rng.standard_normal((D, D + 2 * KV * HD)).astype(np.float32)
+        inits["Wqkv"] = (rng.standard_normal((D, D + 2 * KV * HD)) / np.sqrt(D)).astype(np.float32)
         nodes.append(helper.make_node("MatMul", ["x", "Wqkv"], ["qkv"], name="qkv_proj"))
         qkv = ["qkv", "", ""]
     else:
         for t, width in (("q", D), ("k", KV * HD), ("v", KV * HD)):
-            inits[f"W{t}"] = rng.standard_normal((D, width)).astype(np.float32)
+            inits[f"W{t}"] = (rng.standard_normal((D, width)) / np.sqrt(D)).astype(np.float32)
             nodes.append(helper.make_node("MatMul", ["x", f"W{t}"], [t], name=f"{t}_proj"))
         qkv = ["q", "k", "v"]
     rotary = rotary_dim is not None
@@ -138,9 +139,9 @@ def test_partial_rotary_inside_gqa_clears_queries_and_keys(build, compile_y, rng
 
 def _mha_model(build, rng, bias: bool):
     nodes = []
-    inits = {"Wo": rng.standard_normal((D, D)).astype(np.float32)}
+    inits = {"Wo": (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)}
     for t in "qkv":
-        inits[f"W{t}"] = rng.standard_normal((D, D)).astype(np.float32)
+        inits[f"W{t}"] = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
         nodes.append(helper.make_node("MatMul", ["x", f"W{t}"], [t], name=f"{t}_proj"))
     inputs = ["q", "k", "v", "bias" if bias else "", "", "", "past_key_values.0.key", "past_key_values.0.value"]
     if bias:
