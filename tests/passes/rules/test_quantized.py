@@ -226,6 +226,7 @@ def test_requantize_takes_dense_bases_and_measures_the_change(bits, rng, build, 
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = eecompile.EncryptedSession(result.out_dir, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     err = relative_error(ref, got)
-    assert 0 < err < (0.3 if bits == 4 else 0.02), err
+    # a sanity bound on the re-quantisation error of random weights (about twice one 4-bit RTN step), not a target
+    assert 0 < err < (0.6 if bits == 4 else 0.03), err
     assert report["verification"]["checked"]  # measured (tolerance not applied), and recorded
-    assert report["verification"]["max_relative_error"] < (0.3 if bits == 4 else 0.02)
+    assert report["verification"]["max_relative_error"] < (0.6 if bits == 4 else 0.03)
