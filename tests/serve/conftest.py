@@ -154,12 +154,3 @@ def lm_server(serve_extra, lm_out):
     yield server
     stop_server(server.proc)
 
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -5,13 +5,13 @@ with a protocol error, and 100 aborted streams leave no cache behind (state coun
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from tests.serve.conftest import wait_until
 
 PROTOCOLS = ("grpc", "http")
 PROMPTS = ["And God said", "In the beginning", "The LORD is my shepherd", "Blessed are the meek",
@@ -24,6 +24,14 @@ def local(lm_out):
     from eecompile.runtime.generate import EncryptedGenerator
 
     return EncryptedGenerator(lm_out, "cpu")
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not predicate():
+        time.sleep(0.05)
+    return predicate()
 
 
 def _metadata(server) -> dict:
