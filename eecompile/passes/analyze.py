@@ -106,6 +106,7 @@ def analyze(mg: ModelGraph) -> Analysis:
     result.state_inputs = [t.name for t in mg.graph.inputs if STATE_INPUT.search(t.name)]
     result.state_outputs = [t.name for t in mg.graph.outputs if STATE_OUTPUT.search(t.name)]
     _tie_vocabulary(result)
+    ctx.spaces.settle_permutation_groups()  # a group with a clear (or per-pair) member cannot be permuted
     return result
 
 

@@ -125,6 +125,11 @@ def allows_scales(cls: BasisClass) -> bool:
     return cls in (BasisClass.MONOMIAL, BasisClass.POSITIVE_MONOMIAL)
 
 
+PERMUTING = frozenset({BasisClass.PERMUTATION, BasisClass.SIGNED_PERMUTATION, BasisClass.MONOMIAL,
+                       BasisClass.POSITIVE_MONOMIAL})
+"""Classes that take their permutation from their permutation group (every other class fixes its own)."""
+
+
 @dataclass(frozen=True)
 class Ref:
     """A reference to a leaf space, optionally in its dual (inverse-transposed) basis."""
@@ -300,6 +305,31 @@ class SpaceTable:
             self.clear(b, limit)
             return
         self._perm_union(self.find(a).space, self.find(b).space)
+
+    def settle_permutation_groups(self) -> list[str]:
+        """Clear every permutation group that holds a space whose class cannot take the group's permutation.
+
+        Members of a group share one drawn permutation; a member that became clear (an op without a rule,
+        say) or took a per-pair class fixes its own, so the others cannot be permuted either. Returns the
+        names of the spaces cleared. Called once the analysis has set every class.
+        """
+        groups: dict[int, list[int]] = {}
+        for root in self.roots():
+            groups.setdefault(self.perm_root(Ref(root)), []).append(root)
+        cleared = []
+        for members in groups.values():
+            fixed = [m for m in members if self.leaves[m].cls not in PERMUTING]
+            if not fixed or len(members) < 2:
+                continue
+            culprit = self.leaves[fixed[0]]
+            why = culprit.limits[-1][1] if culprit.limits else Limit("", "", "")
+            limit = Limit(why.node, why.op_type, f"shares its permutation with {culprit.name}, which cannot be "
+                                                 f"permuted ({why.reason or culprit.cls.value})")
+            for m in members:
+                if self.leaves[m].cls != BasisClass.CLEAR:
+                    self.clear(Ref(m), limit)
+                    cleared.append(self.leaves[m].name)
+        return cleared
 
     def _perm_union(self, a: int, b: int) -> None:
         pa, pb = self.perm_root(Ref(a)), self.perm_root(Ref(b))

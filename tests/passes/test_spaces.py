@@ -362,3 +362,36 @@ def test_pair_classes_meet_as_complex_scalars_per_pair():
     assert meet(C.COMPLEX_HALF, C.COMPLEX_INTERLEAVED) == C.CLEAR
     assert meet(C.COMPLEX_HALF, C.PERMUTATION) == C.CLEAR
     assert meet(C.PAIR_UNITS_HALF, C.POSITIVE_MONOMIAL) == C.CLEAR
+
+
+def test_a_clear_member_clears_its_permutation_group():
+    """Spaces sharing a permutation cannot keep one when a member is clear: the whole group is cleared."""
+    from eecompile.passes.spaces import Limit, SpaceTable
+
+    table = SpaceTable()
+    a, b, c = table.new("a", 4), table.new("b", 4), table.new("c", 4)
+    link = Limit("bn", "BatchNormalization", "per-channel affine")
+    table.link_permutation(a, b, link)
+    table.restrict(c, BasisClass.PERMUTATION, link)
+    table.clear(b, Limit("lp", "LpNormalization", "no rule for op LpNormalization"))
+    assert table.settle_permutation_groups() == ["a"]
+    assert table.cls(a) == BasisClass.CLEAR and table.cls(c) == BasisClass.PERMUTATION
+    assert "shares its permutation with b" in table.root_leaf(a).limits[-1][1].reason
+
+
+def test_batchnorm_before_an_op_without_rule_compiles_exactly(build, compile_exact, rng):
+    """Conv → BatchNormalization → LpNormalization (no rule): BN's shared permutation falls with its output."""
+    from onnx import TensorProto, helper
+
+    c = 4
+    inits = {"W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32), "s": rng.random(c).astype(np.float32) + 0.5,
+             "b": rng.standard_normal(c).astype(np.float32), "m": rng.standard_normal(c).astype(np.float32),
+             "v": rng.random(c).astype(np.float32) + 0.5}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["conv", "s", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("LpNormalization", ["bn"], ["y"], name="lp", axis=1)]
+    path = build(nodes, [("x", TensorProto.FLOAT, [1, 3, 5, 5])], [("y", TensorProto.FLOAT, [1, c, 5, 5])], inits,
+                 opset=17)
+    report = compile_exact(path, {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}).report
+    conv = next(s for s in report["spaces"] if "conv" in s["tensors"])
+    assert conv["basis"] == "clear" and "shares its permutation" in conv["limited_by"]["reason"]
