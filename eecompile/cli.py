@@ -284,11 +284,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if result.finish_reason == "context":
         print(f"{PROG}: stopped after {len(result.plain_ids)} tokens: the model's context of "
               f"{generator.server.max_positions} tokens is full", file=sys.stderr)
+    _print_generation(args, result, f" (stopped: {result.finish_reason})")
+    return EXIT_OK
+
+
+def _print_generation(args: argparse.Namespace, result, stopped: str = "") -> None:
+    """The continuation on stdout (text, or the plaintext ids), and with --show-wire the ciphertext ids on stderr."""
     if args.show_wire:
         print(f"{PROG}: prompt ids as the server saw them: {' '.join(map(str, result.prompt_wire_ids))}",
               file=sys.stderr)
-        print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))} "
-              f"(stopped: {result.finish_reason})", file=sys.stderr)
+        print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))}{stopped}",
+              file=sys.stderr)
     if args.prompt is not None:
         sys.stdout.write(result.text)
         if sys.stdout.isatty():
@@ -296,7 +302,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(" ".join(map(str, result.plain_ids)) + "\n")
     sys.stdout.flush()
-    return EXIT_OK
 
 
 def _generate_genai(args: argparse.Namespace, prompt: str | list[int]) -> int:
@@ -309,18 +314,7 @@ def _generate_genai(args: argparse.Namespace, prompt: str | list[int]) -> int:
     result = genai_generate(args.out_dir, prompt, args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, provider=provider,
                             add_special_tokens=not args.no_special_tokens)
-    if args.show_wire:
-        print(f"{PROG}: prompt ids as the server saw them: {' '.join(map(str, result.prompt_wire_ids))}",
-              file=sys.stderr)
-        print(f"{PROG}: generated ids as the server produced them: {' '.join(map(str, result.wire_ids))}",
-              file=sys.stderr)
-    if result.text is not None:
-        sys.stdout.write(result.text)
-        if sys.stdout.isatty():
-            sys.stdout.write("\n")
-    else:
-        sys.stdout.write(" ".join(map(str, result.plain_ids)) + "\n")
-    sys.stdout.flush()
+    _print_generation(args, result)
     return EXIT_OK
 
 

@@ -22,10 +22,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.annotations import Annotation, Protected
-from eecompile.passes.basis import AxisBasis
 from eecompile.passes.context import AnalysisContext, FoldContext
 from eecompile.passes.rules import register_pattern
 from eecompile.passes.rules.base import Pattern, PatternInstance
+from eecompile.passes.rules.quantized import monomial_map
 from eecompile.passes.spaces import BasisClass
 
 CONST, PER_INDEX, BLOCKED = "constant", "per index", "blocked"
@@ -139,8 +139,8 @@ class _DequantizedMatMul(PatternInstance):
     def _fold_on_grid(self, ctx: FoldContext, a: Protected | None, y: Protected | None) -> None:
         q, scale, zero = self._params(ctx)
         k, n = self.shape
-        rows, row_scale = _monomial(ctx.axis_basis(a).dual()) if a is not None else (np.arange(k), np.ones(k))
-        cols, col_scale = _monomial(ctx.axis_basis(y)) if y is not None else (np.arange(n), np.ones(n))
+        rows, row_scale = monomial_map(ctx.axis_basis(a).dual()) if a is not None else (np.arange(k), np.ones(k))
+        cols, col_scale = monomial_map(ctx.axis_basis(y)) if y is not None else (np.arange(n), np.ones(n))
         q = q[rows][:, cols]
         scale = scale.astype(np.float64)[rows][:, cols] * row_scale[:, None] * col_scale[None, :]
         self._store(ctx, q, scale, None if zero is None else zero[rows][:, cols])
@@ -222,18 +222,6 @@ def _groups(gran: Granularity, shape: tuple[int, int]) -> list[tuple[slice, slic
         return [(slice(i, i + 1), slice(b, b + gran.block)) for i in range(k) for b in range(0, n, gran.block)]
     return [(slice(i, i + 1), slice(None)) for i in range(k)] if gran.k == PER_INDEX else \
         [(slice(None), slice(j, j + 1)) for j in range(n)]
-
-
-def _monomial(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
-    """(source index, scale) of a monomial basis: ``(w @ T)[..., j] = w[..., perm[j]] * scale[j]``."""
-    perms, scales, offset = [], [], 0
-    for b in basis.blocks:
-        if b.dense is not None:
-            raise AssertionError("a quantised weight's basis is not monomial")
-        perms.append(b.index_map() + offset)
-        scales.append(b.scale if b.scale is not None else np.ones(b.size))
-        offset += b.size
-    return np.concatenate(perms), np.concatenate(scales)
 
 
 def qdq_weight_policies(mg, ctx: AnalysisContext) -> list[str]:

@@ -149,7 +149,7 @@ class MatMulNBitsRule(OpRule):
                 _fold_requantized(node, ctx, params, a if fold_in else None, y if fold_out else None)
             return
         rows = _index_map(ctx.axis_basis(a).dual(), block) if fold_in else None
-        cols, col_scale = _monomial(ctx.axis_basis(y)) if fold_out else (None, None)
+        cols, col_scale = monomial_map(ctx.axis_basis(y)) if fold_out else (None, None)
         if (rows is None or np.array_equal(rows, np.arange(k))) and cols is None:
             return
         raw = ctx.const(node.inputs[1])
@@ -239,12 +239,12 @@ def _index_map(basis: AxisBasis, block: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _monomial(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
-    """(source column, scale) of a monomial basis: ``(w @ T)[:, j] = w[:, perm[j]] * scale[j]``."""
+def monomial_map(basis: AxisBasis) -> tuple[np.ndarray, np.ndarray]:
+    """(source index, scale) of a monomial basis: ``(w @ T)[..., j] = w[..., perm[j]] * scale[j]``."""
     perms, scales, offset = [], [], 0
     for b in basis.blocks:
         if b.dense is not None:
-            raise AssertionError("MatMulNBits output basis is not monomial")
+            raise AssertionError("a quantised weight's basis is not monomial")
         perms.append(b.index_map() + offset)
         scales.append(b.scale if b.scale is not None else np.ones(b.size))
         offset += b.size
