@@ -3,7 +3,8 @@
 The analysis says which spaces *should* be protected; this pass measures it. After a
 compile, the original model runs on the verification inputs and the server model on the
 same inputs encrypted by the client, each with every intermediate float tensor added as an
-extra graph output (temporary copies written in the compile's staging folder). The server
+extra graph output (the structure is read without the weights, and ONNX Runtime reads the weights in
+place from the model's own files). The server
 model keeps the original tensor names for almost every tensor, so tensors are matched by
 name; those that cannot be matched are counted, not guessed.
 
@@ -22,8 +23,9 @@ design:
   (``+ eps``, ``Sqrt``, ``Reciprocal``);
 * shapes, integer tensors and tensors derived only from masks and positions.
 
-Memory: one model is loaded and run at a time; the plaintext values are parked on disk in
-the staging folder and compared one tensor at a time. Models above :data:`MAX_MODEL_BYTES`
+Memory: one model is loaded and run at a time (its session, which holds its weights, is released
+before the next is built); the plaintext values are parked on disk in the staging folder and compared
+one tensor at a time. Models above :data:`MAX_MODEL_BYTES`
 (weights included) are not measured; the result says so.
 """
 
@@ -51,11 +53,13 @@ SHAPE_SOURCES = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLik
 
 
 def model_bytes(path: str | Path) -> int:
-    """Size of an ONNX file plus the external data files it references."""
+    """Size of an ONNX file plus the external data files it references (the structure is read, not the weights)."""
+    from eecompile.passes.store import load_structure
+
     path = Path(path)
     total = path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
-    seen = set()
+    model = load_structure(path)
+    seen = {path.name}  # weights embedded in the file are referenced into the file itself
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in init.external_data if e.key == "location"), None)
@@ -164,13 +168,16 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
-def _session(path: Path):
+def _session(model: onnx.ModelProto, folder: Path):
+    """A session of ``model`` (structure only) reading its weights in place from the files in ``folder``."""
     import onnxruntime as ort
+
+    from eecompile.passes.store import in_place_session
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph says
     options.log_severity_level = 4
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return in_place_session(model, folder, options)
 
 
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -210,7 +217,9 @@ def measure_exposure(original: str | Path, server: str | Path, plain_feeds: dict
 
 
 def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: Path, clear, state_outputs) -> dict:
-    model = onnx.load(str(original))
+    from eecompile.passes.store import load_structure
+
+    model = load_structure(original)  # the graph; the weights stay in their files
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - types are only a filter; ORT infers them anyway
@@ -231,9 +240,8 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
             names.append(o)
     state = [s for s in state_outputs if s in graph.outputs]
     where = {o: (graph.producer[o].name, graph.producer[o].op_type) for o in [*names, *state] if o in graph.producer}
-    onnx.save(_with_outputs(model, names), str(work / "original.onnx"))
+    session = _session(_with_outputs(model, names), original.parent)
     del model, graph
-    session = _session(work / "original.onnx")
     fetch = [*names, *state]
     values = session.run(fetch, plain_feeds)
     del session
@@ -246,13 +254,12 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     del values
     index = {name: i for i, name in enumerate(kept)}
 
-    model = onnx.load(str(server))
+    model = load_structure(server)
     server_tensors = {o for n in model.graph.node for o in n.output if o} | {o.name for o in model.graph.output}
     matched = [n for n in kept if n in server_tensors]
     unmatched = len([n for n in kept if n not in server_tensors])
-    onnx.save(_with_outputs(model, matched), str(work / "server.onnx"))
+    session = _session(_with_outputs(model, matched), server.parent)
     del model
-    session = _session(work / "server.onnx")
     got = session.run(matched, encrypted_feeds)
     del session
 

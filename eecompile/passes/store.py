@@ -275,3 +275,23 @@ def load_structure(path: str | Path) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.ParseFromString(b"".join(parts))
     return model
+
+
+def in_place_session(model: onnx.ModelProto, folder: str | Path, options=None):
+    """An ONNX Runtime CPU session of ``model`` (a structure from :func:`load_structure` or one whose weights are
+    external) reading its weights in place from the files they live in, relative to ``folder``.
+
+    Nothing is copied to a scratch file: the protobuf handed over holds the graph; ONNX Runtime reads each
+    weight from its file (the model file itself for embedded weights) while it builds the session, and
+    weight prepacking is off, so the session holds one copy of the weights (for verification and the
+    exposure measure, whose inputs are small; the served model keeps ONNX Runtime's defaults).
+    """
+    import onnxruntime as ort
+
+    options = options or ort.SessionOptions()
+    # Prepacking would copy every MatMul weight into a packed layout (a second copy of the model, and the
+    # time to make it); without it ONNX Runtime maps aligned weight files and multiplies from them directly.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(folder).resolve()))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -476,9 +476,11 @@ def _verification_session(path: str | Path):
     """
     import onnxruntime as ort
 
+    from eecompile.passes.store import in_place_session, load_structure
+
     options = ort.SessionOptions()
     options.log_severity_level = 4  # shapes that do not fit are expected while probing: no error logs
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_structure(path)  # the graph only: ONNX Runtime reads the weights in place from their files
     changed = 0
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
@@ -486,12 +488,7 @@ def _verification_session(path: str | Path):
                 if attr.name == "accuracy_level" and attr.i == 4:
                     attr.i = 0
                     changed += 1
-    if not changed:
-        del model
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), 0
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(path).resolve().parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), changed
+    return in_place_session(model, Path(path).parent, options), changed
 
 
 def _shape_text(symbols: dict[str, int]) -> str:

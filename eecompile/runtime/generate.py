@@ -335,9 +335,11 @@ def _model_limits(model_path: str | Path) -> tuple[int | None, int | None]:
     ``input_ids``, as wide as the token table); the row count of a RoPE cos/sin cache.
     Models computing rotary angles on the fly and stating nothing have none (None).
     """
+    from eecompile.passes.store import load_structure
+
     model_path = Path(model_path)
     try:
-        model = onnx.load(str(model_path), load_external_data=False)
+        model = load_structure(model_path)  # the structure only: embedded weights stay in the file
     except Exception as exc:  # noqa: BLE001 - protobuf / onnx errors of a file that is not a model
         from eecompile.errors import ModelFileError
 
