@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from eecompile.passes.graph import ModelGraph
 from eecompile.passes.rules import SHAPE_ONLY_OPS
-from eecompile.passes.store import shared_values
+from eecompile.passes.store import FileValues, shared_values
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
@@ -63,12 +63,37 @@ def _name_nodes(mg: ModelGraph) -> None:
 
 
 def _fold_static_shapes(mg: ModelGraph) -> None:
-    """Constant-fold subgraphs that depend only on constants and static dimensions."""
+    """Constant-fold subgraphs that depend only on constants and static dimensions.
+
+    graphsurgeon evaluates them with ONNX Runtime on an exported copy, which cannot read weights that
+    stay in their file (an absolute external-data path): the constants such a subgraph reads are loaded
+    for the folding and put back in their file afterwards where they survive unfolded.
+    """
+    lazy = _foldable_file_constants(mg)
+    for tensor, values in lazy:
+        tensor.values = values.load()
     try:
         mg.graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=1 << 20)
     except Exception:  # graphsurgeon's folding is an optimisation; the analysis copes without it
-        return
-    mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        pass
+    else:
+        mg.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    for tensor, values in lazy:
+        tensor._values = values  # still a constant of the graph, or dropped with its consumers
+        tensor.data_location = None
+
+
+def _foldable_file_constants(mg: ModelGraph) -> list[tuple[gs.Constant, FileValues]]:
+    """Constants still in a file that are read by a node whose inputs are all constants (a folding candidate)."""
+    found: dict[int, tuple[gs.Constant, FileValues]] = {}
+    for node in mg.nodes:
+        inputs = [t for t in node.inputs if t.name]
+        if not inputs or not all(isinstance(t, gs.Constant) for t in inputs):
+            continue
+        for tensor in inputs:
+            if isinstance(tensor._values, FileValues):
+                found[id(tensor)] = (tensor, tensor._values)
+    return list(found.values())
 
 
 def _lift_constants(mg: ModelGraph, result: NormalizeResult) -> None:

@@ -242,3 +242,29 @@ def test_nodes_get_unique_names(make_model, rng):
     names = [n.name for n in mg.nodes]
     assert len(names) == 5 and all(names) and len(set(names)) == 5
     assert "dup" in names
+
+
+def test_constant_subgraphs_fold_when_weights_stay_in_their_file(tmp_path, rng, compile_exact):
+    """A legacy-style export: positions gathered from a large table by constant ids and a bias shared through
+    Identity — both foldable. With the table left in the model file (read in place, never copied), folding
+    must still run: the bias becomes a constant the Add folds, and the residual stays protected."""
+    vocab, positions, dim, seq = 50, 512, 64, 8  # the 512 × 64 table is above the in-place threshold
+    inits = {"tok": _f(rng, vocab, dim), "pos": _f(rng, positions, dim), "pos_ids": np.arange(seq)[None, :],
+             "bias": np.zeros(dim, np.float32), "W": _f(rng, dim, dim)}
+    nodes = [helper.make_node("Gather", ["tok", "input_ids"], ["t"], name="tok_gather"),
+             helper.make_node("Gather", ["pos", "pos_ids"], ["p"], name="pos_gather"),
+             helper.make_node("Add", ["t", "p"], ["h"], name="embed_add"),
+             helper.make_node("Identity", ["bias"], ["bias_copy"], name="shared_bias"),
+             helper.make_node("MatMul", ["h", "W"], ["hw"], name="proj"),
+             helper.make_node("Add", ["hw", "bias_copy"], ["y"], name="proj_bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, seq])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))  # embedded: the loader references its large weights in place
+    report = compile_exact(path, {"input_ids": rng.integers(0, vocab, (1, seq))}).report
+    spaces = {t: s["basis"] for s in report["spaces"] for t in s["tensors"]}
+    assert spaces["hw"] != "clear" and spaces["h"] != "clear", spaces
+    assert report["exposure"]["intermediates_exposed"] == 0
