@@ -348,7 +348,8 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
             report["policies"].append(f"re-quantised weights, measured {report['accuracy']['detail']}")
         report["policy"] = options.policy
         report["verification"] = {"checked": result.checked, "max_relative_error": result.max_relative_error,
-                                  "detail": result.detail}
+                                  "detail": result.detail,
+                                  "tolerance": result.tolerance.to_dict() if result.tolerance else None}
         with _phase("exposure"):
             report["exposure"] = exposure_for_compile(model_path, server_path, client, state, result, analysis,
                                                       work.path)

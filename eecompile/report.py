@@ -11,7 +11,8 @@ Schema (``report.to_dict()``)::
      "weaknesses": [str], "policies": [str],
      "summary": {basis: count}}
 
-A compile adds ``verification`` ({checked, max_relative_error, detail}) and ``exposure``
+A compile adds ``verification`` ({checked, max_relative_error, detail, tolerance: {value, dtype, depth,
+unit_roundoff, floor, rule, text} | null}) and ``exposure``
 (see :mod:`eecompile.passes.exposure`).
 """
 
@@ -385,6 +386,8 @@ def render_text(report: dict) -> str:
     lines.extend(f"  - {w}" for w in report["weaknesses"])
     if report.get("verification"):
         lines.append(f"verification: {verification_line(report['verification'])}")
+        if report["verification"].get("tolerance"):
+            lines.append(f"verification tolerance: {report['verification']['tolerance']['text']}")
     if report.get("exposure"):
         lines.append(exposure_line(report["exposure"]))
         exposed = report["exposure"].get("exposed", [])
@@ -453,6 +456,8 @@ def render_markdown(report: dict) -> str:
     out += ["", "## Weaknesses", ""] + [f"- {w}" for w in report["weaknesses"]]
     if report.get("verification"):
         out += ["", "## Verification", "", verification_line(report["verification"])]
+        if report["verification"].get("tolerance"):
+            out += ["", f"verification tolerance: {report['verification']['tolerance']['text']}"]
     if report.get("exposure"):
         e = report["exposure"]
         out += ["", "## Exposure", "", exposure_line(e)]

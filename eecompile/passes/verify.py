@@ -2,7 +2,10 @@
 
 Checks that no private op remains, that ``onnx.checker`` accepts the server model, and
 that client-encrypt → server → client-decrypt equals the original model run by ONNX
-Runtime on fresh random inputs (max-abs error relative to max-abs output).
+Runtime on fresh random inputs (max-abs error relative to max-abs output), within a tolerance derived
+from the model's float type and depth (:mod:`eecompile.passes.precision`: 1e-4 for float32, about
+2·u·√depth for float16/bfloat16). An output the original computes as NaN/inf everywhere is not counted
+as compared; when no output is, nothing was verified and the result says so.
 
 Input shapes are derived from the graph (:func:`candidate_assignments`): a symbolic dim
 shared by several inputs keeps one value; batch, sequence and past-sequence symbols are
@@ -31,6 +34,7 @@ import onnx
 
 from eecompile.errors import EECompileError
 from eecompile.passes.graph import InvalidModel, Validity, check_model
+from eecompile.passes.precision import Tolerance, verification_tolerance
 
 PRIVATE_DOMAIN = "ai.eecompile"
 DEFAULT_TOLERANCE = 1e-4
@@ -49,6 +53,7 @@ class VerifyResult:
     detail: str
     feeds: list[dict] = field(default_factory=list, repr=False)  # the plaintext feeds that were verified
     decode_checked: bool = False  # a decode step with the KV cache fed back was compared too
+    tolerance: Tolerance | None = None  # what the error was held to (dtype, depth, formula)
 
 
 def check_structure(model: onnx.ModelProto, path: str | Path | None = None) -> Validity:
@@ -396,8 +401,11 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     no feeds fit the original model the result is not ``checked``; its detail says why.
     Only one model is in memory at a time: the original runs first on every input (and its own decode
     step), is released, and then the compiled model runs on the encrypted inputs.
+    ``tolerance`` is the float32 tolerance; a float16/bfloat16 model is held to the larger bound its
+    precision and depth allow (:func:`~eecompile.passes.precision.verification_tolerance`, in the result).
     """
     try:
+        tol = _tolerance(original, tolerance)
         ref, int8 = _verification_session(original)
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
@@ -443,16 +451,21 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         enc, _ = _verification_session(server)
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
-    worst, decoded, notes = 0.0, False, []
+    worst, decoded, notes, measured = 0.0, False, [], set()
     for feeds, expected, step in runs:
         got = _run_encrypted(enc, names, (full or client).encrypt(feeds))
-        worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tolerance, "prefill"))
+        worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tol, "prefill", measured))
         if isinstance(step, str):
             notes.append(step)
         elif step is not None:
-            worst, decoded = max(worst, _encrypted_step(enc, client, full, step, got, names, tolerance)), True
+            worst, decoded = max(worst, _encrypted_step(enc, client, full, step, got, names, tol, measured)), True
     del enc
-    detail = f"max relative error {worst:.2e} over {len(plans)} input(s)"
+    unmeasured = [n for n in names if n not in measured and (full is not None or n not in client.state_outputs)]
+    if not measured:
+        return VerifyResult(False, None, f"skipped: the original computes NaN or infinity in every element of every "
+                                         f"output on the verification inputs ({', '.join(unmeasured[:4])}), so "
+                                         f"nothing was compared", tolerance=tol)
+    detail = f"max relative error {worst:.2e} (tolerance {tol.value:.2e}) over {len(plans)} input(s)"
     if plans and plans[0][1]:
         detail += f" of shape {_shape_text(plans[0][1])}"
     if decoded:
@@ -462,7 +475,16 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     if int8:
         detail += (f"; {int8} MatMulNBits node(s) compared with float activations (their accuracy_level 4 "
                    "quantises activations to int8, whose steps a rounding difference can cross)")
-    return VerifyResult(True, worst, detail, feeds=[f for f, _ in plans], decode_checked=decoded)
+    if unmeasured:
+        detail += f"; not compared (NaN or infinity everywhere in the original): {', '.join(unmeasured[:4])}"
+    return VerifyResult(True, worst, detail, feeds=[f for f, _ in plans], decode_checked=decoded, tolerance=tol)
+
+
+def _tolerance(original: str | Path, floor: float) -> Tolerance:
+    """The tolerance for ``original`` (its structure only is read)."""
+    from eecompile.passes.store import load_structure
+
+    return verification_tolerance(load_structure(original), floor)
 
 
 def _verification_session(path: str | Path):
@@ -503,18 +525,28 @@ def _run_encrypted(enc, names, feeds) -> dict[str, np.ndarray]:
                                 f"({_first_line(exc)})") from None
 
 
-def _compare(expected, decrypted, client, full, tolerance, step: str) -> float:
-    """Worst relative error over the outputs that can be compared (state only when ``full`` decrypts it)."""
+def _compare(expected, decrypted, client, full, tolerance: Tolerance, step: str,
+             measured: set[str] | None = None) -> float:
+    """Worst relative error over the outputs that can be compared (state only when ``full`` decrypts it).
+
+    The decrypted output must have the original's dtype and shape; outputs with a finite element in the
+    original are added to ``measured`` (an all-NaN/inf output matching the original compares nothing)."""
     state = set(client.state_outputs)
     worst = 0.0
     for name, exp in expected.items():
         if name in state and full is None:
             continue
-        err = relative_error(exp, decrypted[name])
+        got = decrypted[name]
+        if np.asarray(got).dtype != np.asarray(exp).dtype:
+            raise VerificationError(f"compiled model output '{name}' is {np.asarray(got).dtype} after decrypting, "
+                                    f"the original's is {np.asarray(exp).dtype}")
+        err = relative_error(exp, got)
         worst = max(worst, err)
-        if not err <= tolerance:
+        if not err <= tolerance.value:
             raise VerificationError(f"compiled model output '{name}' differs from the original in the {step} "
-                                    f"(relative error {err:.2e} > {tolerance:.0e})")
+                                    f"(relative error {err:.2e} > tolerance {tolerance.describe()})")
+        if measured is not None and np.isfinite(np.asarray(exp, dtype=np.float64)).any():
+            measured.add(name)
     return worst
 
 
@@ -547,9 +579,9 @@ def _plain_step(ref, client, feeds, symbols, expected, names, index_sizes):
     return step, pairs, expected2
 
 
-def _encrypted_step(enc, client, full, step, got, names, tolerance) -> float:
+def _encrypted_step(enc, client, full, step, got, names, tolerance: Tolerance, measured: set[str] | None = None) -> float:
     """The compiled model's decode step on its own (encrypted) cache, compared with the original's."""
     feeds, pairs, expected2 = step
     cipher = {**client.encrypt(feeds), **{past: got[present] for past, present in pairs}}
     got2 = _run_encrypted(enc, names, cipher)
-    return _compare(expected2, (full or client).decrypt(got2), client, full, tolerance, "decode step")
+    return _compare(expected2, (full or client).decrypt(got2), client, full, tolerance, "decode step", measured)
