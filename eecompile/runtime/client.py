@@ -40,6 +40,13 @@ def manifest_digest(manifest: dict) -> str:
 
 
 # -- numpy transforms --------------------------------------------------------------------
+REDUCED_FLOATS = ("bfloat16",)
+"""Float types numpy holds through ``ml_dtypes`` (kind ``V``): transformed in float64 and returned in their type."""
+COMPUTE_WIDER = {TensorProto.FLOAT16: TensorProto.FLOAT, TensorProto.BFLOAT16: TensorProto.FLOAT}
+"""Element types the client ONNX models transform in float32 (cast in, transform, cast back): the basis is
+applied at float32 precision and rounded once to the model's type, and bfloat16 runs on ONNX Runtime's CPU."""
+
+
 def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray:
     if t.kind in ("clear", "state"):
         return value
@@ -52,7 +59,7 @@ def _apply(t: BoundaryTransform, value: np.ndarray, inverse: bool) -> np.ndarray
             raise FeedError(f"'{t.name}' holds ids outside [0, {len(table)})")
         return table[ids].astype(ids.dtype)
     dtype = value.dtype
-    if dtype.kind not in "fiu":
+    if dtype.kind not in "fiu" and dtype.name not in REDUCED_FLOATS:
         raise FeedError(f"'{t.name}' holds {dtype} values; the model expects numbers")
     if t.rank is not None and value.ndim != t.rank or value.ndim == 0:
         raise FeedError(f"'{t.name}' has rank {value.ndim} (shape {list(value.shape)}); the model expects rank {t.rank}")
@@ -288,7 +295,8 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
     """An ONNX model applying the transforms (``encrypt`` forward, ``decrypt`` inverse).
 
     Inputs keep the boundary names; outputs are named ``<name>_encrypted`` /
-    ``<name>_decrypted``. Inputs with several heads are encoded with one MatMul per head.
+    ``<name>_decrypted``. Inputs with several heads are encoded with one MatMul per head. Every tensor keeps
+    its type; float16 and bfloat16 ones are transformed in float32 between two Casts (:data:`COMPUTE_WIDER`).
     """
     inverse = direction == "decrypt"
     suffix = "_decrypted" if inverse else "_encrypted"
@@ -304,6 +312,12 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
             inputs.append(helper.make_tensor_value_info(t.name, elem, None))
             outputs.append(helper.make_tensor_value_info(out, elem, None))
         p = f"t{i}"
+        wide = COMPUTE_WIDER.get(elem) if t.kind == "axis" else None
+        if wide is not None:  # transform in float32, round once to the model's type
+            nodes.append(helper.make_node("Cast", [t.name], [f"{p}_wide"], to=wide))
+            t_name, out, final, elem = f"{p}_wide", f"{p}_wide_out", out, wide
+        else:
+            t_name, final = t.name, None
         if t.kind == "index":
             perm = t.index.index_map()
             table = perm if inverse else np.argsort(perm)
@@ -312,7 +326,7 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
         elif t.kind == "axis" and t.head_axis is None:
             basis = _flat(t.heads[0], inverse)
             gain = inverse and t.gain is not None
-            nodes.extend(_axis_nodes(basis, t.name, f"{p}_based" if gain else out, t.axis, t.rank, p, inits, elem))
+            nodes.extend(_axis_nodes(basis, t_name, f"{p}_based" if gain else out, t.axis, t.rank, p, inits, elem))
             if gain:  # a norm gain folded out of the server, multiplied in after the basis change
                 shape = [1] * t.rank
                 shape[t.axis] = t.gain.size
@@ -324,13 +338,15 @@ def build_client_model(transforms: list[BoundaryTransform], direction: str,
             for h, axis_basis in enumerate(t.heads):
                 idx = f"{p}_h{h}_idx"
                 inits.append(numpy_helper.from_array(np.array([h], dtype=np.int64), idx))
-                nodes.append(helper.make_node("Gather", [t.name, idx], [f"{p}_h{h}_in"], axis=t.head_axis))
+                nodes.append(helper.make_node("Gather", [t_name, idx], [f"{p}_h{h}_in"], axis=t.head_axis))
                 nodes.extend(_axis_nodes(_flat(axis_basis, inverse), f"{p}_h{h}_in", f"{p}_h{h}_out",
                                          t.axis, t.rank, f"{p}_h{h}", inits, elem))
                 parts.append(f"{p}_h{h}_out")
             nodes.append(helper.make_node("Concat", parts, [out], axis=t.head_axis))
         else:
             nodes.append(helper.make_node("Identity", [t.name], [out]))
+        if final is not None:
+            nodes.append(helper.make_node("Cast", [out], [final], to=types[t.name].tensor_type.elem_type))
     graph = helper.make_graph(nodes, f"eecompile_{direction}", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
