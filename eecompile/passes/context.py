@@ -11,6 +11,7 @@ from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, IndexValues, Protected, Squares
 from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.precision import numpy_dtype, store_as
 from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable
 
 
@@ -253,10 +254,13 @@ class FoldContext:
         return [self.axis_basis((r,)) for r in prot.refs]
 
     def set_const(self, node: gs.Node, index: int, value: np.ndarray) -> None:
-        """Replace constant input ``index`` of ``node`` with ``value`` (its dtype kept)."""
+        """Replace constant input ``index`` of ``node`` with ``value`` (its dtype kept).
+
+        Folds compute in float64; the result is rounded once into the constant's own type (float16 and
+        bfloat16 weights stay float16 and bfloat16: :func:`~eecompile.passes.precision.store_as`)."""
         tensor = node.inputs[index]
-        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.asarray(tensor.values).dtype
-        self.mg.set_values(tensor, np.asarray(value).astype(dtype))
+        dtype = numpy_dtype(tensor.dtype) if tensor.dtype is not None else np.asarray(tensor.values).dtype
+        self.mg.set_values(tensor, store_as(value, dtype))
 
 
 class FoldAxisBasis(AxisBasis):

@@ -16,6 +16,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from eecompile.errors import ModelFileError
 from eecompile.passes.options import CompileOptions
+from eecompile.passes.precision import BFLOAT16, is_float_dtype
 from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore, external_values, load_structure
 
 Dim = int | str | None
@@ -373,6 +374,13 @@ def _copy_field(target, field, value) -> None:
         setattr(target, field.name, value)
 
 
+def _numpy_bfloat16(tensor: gs.Tensor) -> None:
+    """graphsurgeon keeps bfloat16 as the ONNX enum (numpy has no such type): give it ml_dtypes' bfloat16."""
+    holder = tensor._values if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) else tensor
+    if isinstance(holder.dtype, int) and holder.dtype == onnx.TensorProto.BFLOAT16:
+        holder.dtype = BFLOAT16
+
+
 class ModelGraph:
     """An onnx-graphsurgeon graph with lookups the passes need.
 
@@ -399,6 +407,7 @@ class ModelGraph:
                 values = external_values(tensor._values.tensor, Path(base_dir))
                 if values is not None:
                     tensor._values = values
+            _numpy_bfloat16(tensor)
             if isinstance(tensor, gs.Constant):
                 # Where values live is ours to track (FileValues / arrays); graphsurgeon's flag goes
                 # stale once its getter swaps a loaded array in, and would export data as "external".
@@ -466,7 +475,7 @@ class ModelGraph:
         if dtype is None:
             return False
         try:
-            return np.issubdtype(np.dtype(dtype), np.floating)
+            return is_float_dtype(dtype)
         except TypeError:
             return False
 

@@ -204,7 +204,7 @@ def _clone_shared(mg: ModelGraph, result: NormalizeResult) -> None:
         for i, tensor in enumerate(node.inputs):
             if not isinstance(tensor, gs.Constant):
                 continue
-            if not np.issubdtype(np.dtype(tensor.dtype), np.floating):
+            if not mg.is_float(tensor):
                 continue
             count = seen.get(id(tensor), 0)
             seen[id(tensor)] = count + 1

@@ -23,8 +23,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import ml_dtypes
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 UNIT_ROUNDOFF = {TensorProto.DOUBLE: 2.0 ** -53, TensorProto.FLOAT: 2.0 ** -24, TensorProto.FLOAT16: 2.0 ** -11,
                  TensorProto.BFLOAT16: 2.0 ** -8}
@@ -126,3 +128,129 @@ def verification_tolerance(model: onnx.ModelProto, floor: float) -> Tolerance:
     u = UNIT_ROUNDOFF[elem]
     value = floor if math.isinf(floor) else max(floor, GROWTH * u * math.sqrt(depth))
     return Tolerance(value, dtype_name(elem), depth, u, floor)
+
+
+# -- storing float64 results in the model's type ----------------------------------------------
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """A numpy dtype for a tensor's dtype as graphsurgeon gives it (bfloat16 arrives as the ONNX enum 16)."""
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool) and int(dtype) == TensorProto.BFLOAT16:
+        return BFLOAT16
+    return np.dtype(dtype)
+
+
+def is_float_dtype(dtype) -> bool:
+    """Whether a numpy dtype holds floats (numpy's own, and ml_dtypes' bfloat16)."""
+    dtype = numpy_dtype(dtype)
+    return dtype == BFLOAT16 or np.issubdtype(dtype, np.floating)
+
+
+def round_to_bfloat16(value: np.ndarray) -> np.ndarray:
+    """``value`` rounded once, to nearest even, to bfloat16 (ml_dtypes rounds float64 through float32: twice).
+
+    The float64 significand is rounded to bfloat16's 8 bits in its bit pattern, which bfloat16 then holds
+    exactly (its exponent range is float32's; below 2^-126, where bfloat16 is subnormal, a second rounding
+    remains)."""
+    x = np.ascontiguousarray(value, dtype=np.float64)
+    bits = x.view(np.uint64)
+    drop = np.uint64(52 - 7)
+    lsb = (bits >> drop) & np.uint64(1)
+    rounded = ((bits + (np.uint64(1) << (drop - np.uint64(1))) - np.uint64(1) + lsb) >> drop) << drop
+    out = np.where(np.isfinite(x), rounded.view(np.float64), x)
+    with np.errstate(over="ignore"):  # beyond bfloat16's range: infinity, as the rounding says
+        return out.astype(BFLOAT16)
+
+
+def store_as(value: np.ndarray, dtype) -> np.ndarray:
+    """A float64 result stored in ``dtype`` with one rounding (bfloat16 by :func:`round_to_bfloat16`)."""
+    dtype = numpy_dtype(dtype)
+    value = np.asarray(value)
+    if dtype == BFLOAT16 and value.dtype != BFLOAT16:
+        return round_to_bfloat16(value).reshape(value.shape)
+    return value.astype(dtype, copy=False)
+
+
+# -- bfloat16 where ONNX Runtime's CPU provider has no kernel -----------------------------------
+def has_bfloat16(model: onnx.ModelProto) -> bool:
+    """Whether any initializer, graph input or output of ``model`` is bfloat16."""
+    return (any(t.data_type == TensorProto.BFLOAT16 for t in model.graph.initializer)
+            or any(v.type.tensor_type.elem_type == TensorProto.BFLOAT16
+                   for v in [*model.graph.input, *model.graph.output]))
+
+
+def widen_bfloat16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` computing in float32 what it computes in bfloat16, with the same weights.
+
+    Every bfloat16 initializer is read as it is (external data stays where it is) and widened by a Cast
+    (exact: bfloat16 values are float32 values); bfloat16 inputs, outputs, value types, Casts, Constants
+    and dtype attributes become float32. The copy then differs from the model only in that its
+    activations are not rounded to bfloat16.
+    """
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    graph = wide.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type == TensorProto.BFLOAT16:
+            name = init.name
+            init.name = f"{name}__bfloat16"
+            casts.append(onnx.helper.make_node("Cast", [init.name], [name], to=TensorProto.FLOAT,
+                                               name=f"{name}__widen"))
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == TensorProto.BFLOAT16:
+                attr.i = TensorProto.FLOAT
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.BFLOAT16:
+                widened = numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name)
+                attr.t.CopyFrom(widened)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return wide
+
+
+class _Arg:
+    """What ONNX Runtime's ``NodeArg`` tells verification: name, type and shape."""
+
+    def __init__(self, arg, elem_type: str) -> None:
+        self.name, self.type, self.shape = arg.name, elem_type, arg.shape
+
+
+class WidenedSession:
+    """An ONNX Runtime session of :func:`widen_bfloat16`'s copy that looks like the bfloat16 model from outside.
+
+    Inputs and outputs that are bfloat16 in the model are bfloat16 here (``ml_dtypes``): fed values are
+    widened exactly, outputs rounded once to bfloat16, as the model would return them. ``note`` says what
+    was run instead of the model and why.
+    """
+
+    def __init__(self, session, model: onnx.ModelProto, reason: str) -> None:
+        self.session = session
+        bf16 = {v.name for v in [*model.graph.input, *model.graph.output]
+                if v.type.tensor_type.elem_type == TensorProto.BFLOAT16}
+        self._bf16 = bf16
+        self._inputs = [_Arg(a, "tensor(bfloat16)" if a.name in bf16 else a.type) for a in session.get_inputs()]
+        self._outputs = [_Arg(a, "tensor(bfloat16)" if a.name in bf16 else a.type) for a in session.get_outputs()]
+        self.note = (f"bfloat16 run with its bfloat16 weights, inputs and outputs but float32 activations "
+                     f"(ONNX Runtime's CPU provider: {reason})")
+
+    def get_inputs(self) -> list:
+        """The model's inputs (bfloat16 where the model's are)."""
+        return self._inputs
+
+    def get_outputs(self) -> list:
+        """The model's outputs (bfloat16 where the model's are)."""
+        return self._outputs
+
+    def run(self, names, feeds: dict, run_options=None) -> list:
+        """Run on bfloat16 (or any) feeds; bfloat16 outputs come back rounded to bfloat16."""
+        wide = {k: (np.asarray(v).astype(np.float32) if np.asarray(v).dtype == BFLOAT16 else v)
+                for k, v in feeds.items()}
+        names = names or [o.name for o in self._outputs]
+        outs = self.session.run(names, wide, run_options)
+        return [store_as(o, BFLOAT16) if n in self._bf16 else o for n, o in zip(names, outs)]

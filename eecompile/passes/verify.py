@@ -34,7 +34,8 @@ import onnx
 
 from eecompile.errors import EECompileError
 from eecompile.passes.graph import InvalidModel, Validity, check_model
-from eecompile.passes.precision import Tolerance, verification_tolerance
+from eecompile.passes.precision import (BFLOAT16, Tolerance, WidenedSession, has_bfloat16, verification_tolerance,
+                                        widen_bfloat16)
 
 PRIVATE_DOMAIN = "ai.eecompile"
 DEFAULT_TOLERANCE = 1e-4
@@ -279,7 +280,8 @@ def feeds_for(session, symbols: dict[str, int], seed: int,
         elif "bool" in type_:
             feeds[name] = np.ones(shape, dtype=bool)
         else:
-            dtype = np.float16 if "float16" in type_ else np.float64 if "double" in type_ else np.float32
+            dtype = (BFLOAT16 if "bfloat16" in type_ else np.float16 if "float16" in type_ else
+                     np.float64 if "double" in type_ else np.float32)
             feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
@@ -407,6 +409,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     try:
         tol = _tolerance(original, tolerance)
         ref, int8 = _verification_session(original)
+        widened = getattr(ref, "note", None)  # bfloat16 run with float32 activations (WidenedSession)
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
     index_sizes = {t.name: t.index.size for t in client.spec.inputs if t.kind == "index"}
@@ -475,6 +478,8 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     if int8:
         detail += (f"; {int8} MatMulNBits node(s) compared with float activations (their accuracy_level 4 "
                    "quantises activations to int8, whose steps a rounding difference can cross)")
+    if widened:
+        detail += f"; {widened}"
     if unmeasured:
         detail += f"; not compared (NaN or infinity everywhere in the original): {', '.join(unmeasured[:4])}"
     return VerifyResult(True, worst, detail, feeds=[f for f, _ in plans], decode_checked=decoded, tolerance=tol)
@@ -510,7 +515,16 @@ def _verification_session(path: str | Path):
                 if attr.name == "accuracy_level" and attr.i == 4:
                     attr.i = 0
                     changed += 1
-    return in_place_session(model, Path(path).parent, options), changed
+    try:
+        return in_place_session(model, Path(path).parent, options), changed
+    except Exception as exc:  # ORT raises its own exception types
+        if not (has_bfloat16(model) and "NOT_IMPLEMENTED" in str(exc)):
+            raise
+        reason = _first_line(exc).split("NOT_IMPLEMENTED : ")[-1]  # no bfloat16 kernel for an op on CPU
+        fresh = ort.SessionOptions()
+        fresh.log_severity_level = options.log_severity_level
+        return WidenedSession(in_place_session(widen_bfloat16(model), Path(path).parent, fresh), model,
+                              reason), changed
 
 
 def _shape_text(symbols: dict[str, int]) -> str:
