@@ -353,3 +353,196 @@ def test_model_dimension_symbols_are_static_and_read_from_genai_config(tmp_path)
     symbols = assign(roles, {"batch": 2, "seq": 3, "past": 2}, hints)
     assert symbols == {"batch_size": 2, "sequence_length": 3, "total_sequence_length": 5,
                        "past_sequence_length": 2, "kv_cache_dim": 16}
+
+
+# -- reduced precision: the tolerance, what is compared, a wrong fold ---------------------------
+from eecompile.passes.precision import (  # noqa: E402
+    BFLOAT16,
+    GROWTH,
+    model_depth,
+    model_precision,
+    round_to_bfloat16,
+    verification_tolerance,
+)
+
+F16, BF16 = TensorProto.FLOAT16, TensorProto.BFLOAT16
+
+
+def _mlp(elem: int, rng, width: int = 32, layers: int = 3) -> onnx.ModelProto:
+    """x[2,4,W] -> (MatMul, Add, Relu) x layers -> LayerNormalization -> MatMul: weights and activations in ``elem``."""
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np_type), f"w{i}"),
+                  numpy_helper.from_array((0.1 * rng.standard_normal(width)).astype(np_type), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"h{i}"])]
+        x = f"h{i}"
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, width).astype(np_type), "g"),
+              numpy_helper.from_array((0.1 * rng.standard_normal(width)).astype(np_type), "beta"),
+              numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np_type), "wout")]
+    nodes += [helper.make_node("LayerNormalization", [x, "g", "beta"], ["n"], axis=-1, name="ln"),
+              helper.make_node("MatMul", ["n", "wout"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, [2, 4, width])],
+                              [helper.make_tensor_value_info("y", elem, [2, 4, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_depth_counts_the_longest_chain_of_rounding_ops(rng):
+    model = _mlp(TensorProto.FLOAT, rng, layers=3)
+    assert model_depth(model) == 3 * 2 + 2  # MatMul and Add per layer (Relu is exact), LayerNorm, head MatMul
+    moved = _model([helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
+                    helper.make_node("Reshape", ["t", "s"], ["y"])],
+                   outputs=[helper.make_tensor_value_info("y", FLOAT, [6])],
+                   inits={"s": np.array([6], np.int64)})
+    assert model_depth(moved) == 1  # nothing rounds: the floor of 1
+
+
+def test_precision_is_the_type_of_most_weight_elements(rng):
+    assert model_precision(_mlp(F16, rng)) == F16
+    assert model_precision(_mlp(TensorProto.FLOAT, rng)) == TensorProto.FLOAT
+    mixed = _mlp(F16, rng)  # one float32 scalar among float16 weights does not make it a float32 model
+    mixed.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "eps"))
+    assert model_precision(mixed) == F16
+
+
+def test_tolerance_follows_dtype_and_depth(rng):
+    fp32 = verification_tolerance(_mlp(TensorProto.FLOAT, rng), 1e-4)
+    assert fp32.value == 1e-4 and not fp32.derived and fp32.dtype == "float32"
+    for elem, name, u in ((F16, "float16", 2.0 ** -11), (BF16, "bfloat16", 2.0 ** -8)):
+        for layers in (1, 8):
+            model = _mlp(elem, rng, layers=layers)
+            tol = verification_tolerance(model, 1e-4)
+            assert tol.dtype == name and tol.depth == 2 * layers + 2
+            assert tol.value == pytest.approx(GROWTH * u * np.sqrt(2 * layers + 2))
+            assert tol.derived and name in tol.describe() and f"√{tol.depth}" in tol.describe()
+    assert verification_tolerance(_mlp(F16, rng), float("inf")).value == float("inf")  # --requantize: measured
+
+
+def test_round_to_bfloat16_rounds_once_to_nearest_even():
+    from fractions import Fraction
+
+    def exact(x: float) -> float:  # nearest bfloat16 (8 significant bits) by exact arithmetic, ties to even
+        if x == 0:
+            return x
+        m, e = np.frexp(x)  # x = m·2^e, 0.5 <= |m| < 1
+        scaled = Fraction(float(m)) * 256
+        q = round(scaled)  # Python rounds Fractions half to even
+        return float(Fraction(q, 256) * Fraction(2) ** int(e))
+
+    values = np.concatenate([np.random.default_rng(5).standard_normal(2000) * 10.0 ** np.arange(-5, 5).repeat(200),
+                             [1 + 2 ** -8 + 2 ** -30, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8 + 2 ** -40)]])
+    got = round_to_bfloat16(values).astype(np.float64)
+    want = np.array([exact(float(v)) for v in values])
+    np.testing.assert_array_equal(got, want)
+    # ml_dtypes' own conversion rounds through float32: once off at a near-tie, which this one is not
+    assert float(np.float64(1 + 2 ** -8 + 2 ** -30).astype(BFLOAT16)) == 1.0
+    assert got[-4] == 1 + 2 ** -7
+
+
+@pytest.fixture
+def fp16_mlp(tmp_path, rng):
+    path = tmp_path / "mlp16.onnx"
+    onnx.save(_mlp(F16, rng, layers=4), str(path))
+    return path
+
+
+def test_fp16_model_verifies_within_its_stated_tolerance(fp16_mlp, tmp_path):
+    import json
+
+    import eecompile
+
+    result = eecompile.compile_model(fp16_mlp, eecompile.generate_key(), tmp_path / "out")
+    v = result.verification
+    assert v.checked and v.tolerance.dtype == "float16" and v.tolerance.depth == 10
+    # the error is the compiled model's: above float32 resolution (the old 1e-4 refused such models), within the bound
+    assert 1e-4 < v.max_relative_error <= v.tolerance.value
+    assert f"tolerance {v.tolerance.value:.2e}" in v.detail
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["verification"]["tolerance"]["dtype"] == "float16"
+    assert report["verification"]["tolerance"]["value"] == pytest.approx(2 * 2.0 ** -11 * np.sqrt(10))
+    assert "verification tolerance: " in (tmp_path / "out" / "report.md").read_text()
+    server = onnx.load(str(tmp_path / "out" / "server" / "model.onnx"))
+    assert {t.data_type for t in server.graph.initializer if t.name.startswith(("w", "b", "g", "beta"))} == {F16}
+
+
+def test_verification_measures_the_compiled_model(fp16_mlp, tmp_path):
+    """The reported error is the compiled model's, recomputed independently on the verified feeds and on new ones."""
+    import eecompile
+
+    out = tmp_path / "out"
+    result = eecompile.compile_model(fp16_mlp, eecompile.generate_key(), out)
+    ref = ort.InferenceSession(str(fp16_mlp), providers=["CPUExecutionProvider"])
+    enc = eecompile.EncryptedSession(out, providers=["CPUExecutionProvider"])
+    again = max(relative_error(ref.run(None, f)[0], enc.run(None, f)[0]) for f in result.verification.feeds)
+    assert again == pytest.approx(result.verification.max_relative_error)
+    fresh = [{"x": np.random.default_rng(s).standard_normal((2, 4, 32)).astype(np.float16)} for s in (50, 51, 52)]
+    errors = [relative_error(ref.run(None, f)[0], enc.run(None, f)[0]) for f in fresh]
+    assert all(0 < e <= result.verification.tolerance.value for e in errors)
+    assert enc.run(None, fresh[0])[0].dtype == np.float16
+
+
+@pytest.mark.parametrize("factor, caught", [(3.0, True), (0.05, False)])
+def test_a_wrong_fold_is_caught_by_the_fp16_check(fp16_mlp, tmp_path, monkeypatch, factor, caught):
+    """The test hook: one folded weight (the head MatMul's) is perturbed by ``factor`` x the tolerance, element-wise
+    with random signs, as a fold that is wrong at the ulp scale would be; 3x is refused, 0.05x (about one ulp) is not."""
+    import eecompile
+    from eecompile.passes.context import FoldContext
+    from eecompile.passes.store import load_structure
+
+    tol = verification_tolerance(load_structure(fp16_mlp), 1e-4).value
+    original = FoldContext.set_const
+    fired = []
+
+    def perturbed(self, node, index, value):
+        if node.name == "head" and index == 1:
+            signs = np.random.default_rng(0).choice([-1.0, 1.0], np.shape(value))
+            value = np.asarray(value, np.float64) * (1 + factor * tol * signs)
+            fired.append(node.name)
+        return original(self, node, index, value)
+
+    monkeypatch.setattr(FoldContext, "set_const", perturbed)
+    if caught:
+        with pytest.raises(VerificationError, match=r"output 'y' differs .*> tolerance .* for float16"):
+            eecompile.compile_model(fp16_mlp, eecompile.generate_key(), tmp_path / "out")
+    else:
+        assert eecompile.compile_model(fp16_mlp, eecompile.generate_key(), tmp_path / "out").verification.checked
+    assert fired == ["head"]
+
+
+def test_outputs_nan_everywhere_are_not_called_verified(tmp_path):
+    """An output that is NaN in every element matches 'exactly' and measures nothing: not verified, said so."""
+    import eecompile
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Mul", ["m", "m"], ["sq"]),
+             helper.make_node("Neg", ["sq"], ["neg"]),
+             helper.make_node("Sub", ["neg", "one"], ["below"]),
+             helper.make_node("Sqrt", ["below"], ["y"])]  # sqrt(-(x·W)² - 1): NaN everywhere
+    model = _model(nodes, inputs=[helper.make_tensor_value_info("x", FLOAT, [2, 4])],
+                   outputs=[helper.make_tensor_value_info("y", FLOAT, [2, 4])],
+                   inits={"w": np.eye(4, dtype=np.float32) + 0.1, "one": np.ones(1, np.float32)})
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(CannotVerify, match="NaN or infinity in every element"):
+        eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+
+
+def test_bfloat16_model_compiles_and_verifies_widened(tmp_path, rng):
+    """ONNX Runtime's CPU provider has no bfloat16 MatMul/Add: both models run widened (bfloat16 weights and
+    boundaries, float32 activations), the detail says so, and the server's weights stay bfloat16."""
+    import eecompile
+
+    path = tmp_path / "mlp_bf16.onnx"
+    onnx.save(_mlp(BF16, rng, layers=2), str(path))
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    v = result.verification
+    assert v.checked and v.tolerance.dtype == "bfloat16" and 0 < v.max_relative_error <= v.tolerance.value
+    assert "float32 activations" in v.detail and "ONNX Runtime's CPU provider" in v.detail
+    assert v.feeds[0]["x"].dtype == BFLOAT16
+    server = onnx.load(str(tmp_path / "out" / "server" / "model.onnx"))
+    assert {t.data_type for t in server.graph.initializer if t.name.startswith(("w", "b", "g", "beta"))} == {BF16}
+    assert {v.type.tensor_type.elem_type for v in [*server.graph.input, *server.graph.output]} == {BF16}
