@@ -25,20 +25,31 @@ ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "mon
          "permutation", "clear"]
 
 
-def build(arch: str):
-    """A tiny random-weight model, its example inputs and input names."""
+SIZES = {
+    "tiny": {"hidden": 32, "layers": 2, "heads": 4, "ffn": 64, "image": 16, "patch": 8, "tokens": 8, "mel": 16,
+             "frames": 16},
+    "base": {"hidden": 384, "layers": 4, "heads": 6, "ffn": 1536, "image": 224, "patch": 16, "tokens": 128,
+             "mel": 80, "frames": 400},
+}
+"""``tiny``: the analysis at a glance; ``base``: MiniLM-sized widths, where the rebase MatMuls' cost is measurable."""
+
+
+def build(arch: str, size: str = "tiny"):
+    """A random-weight model of ``size`` (see :data:`SIZES`), its example inputs and input names."""
     import torch
     from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, ViTConfig, ViTModel, WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     torch.manual_seed(0)
+    d = SIZES[size]
     if arch == "vit":
-        model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                   image_size=16, patch_size=8))
-        args, names = (torch.randn(1, 3, 16, 16),), ["pixel_values"]
+        model = ViTModel(ViTConfig(hidden_size=d["hidden"], num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                                   intermediate_size=d["ffn"], image_size=d["image"], patch_size=d["patch"]))
+        args, names = (torch.randn(1, 3, d["image"], d["image"]),), ["pixel_values"]
     elif arch == "bert":
-        inner = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=64))
+        inner = BertModel(BertConfig(vocab_size=100, hidden_size=d["hidden"], num_hidden_layers=d["layers"],
+                                     num_attention_heads=d["heads"], intermediate_size=d["ffn"],
+                                     max_position_embeddings=max(64, d["tokens"])))
 
         class Outputs(torch.nn.Module):
             def __init__(self, inner):
@@ -50,16 +61,19 @@ def build(arch: str):
                 return out.last_hidden_state, out.pooler_output
 
         model = Outputs(inner)
-        args, names = (torch.randint(0, 100, (1, 8)), torch.ones(1, 8, dtype=torch.long)), ["input_ids", "attention_mask"]
+        args = (torch.randint(0, 100, (1, d["tokens"])), torch.ones(1, d["tokens"], dtype=torch.long))
+        names = ["input_ids", "attention_mask"]
     elif arch == "clip-vision":
-        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=64, image_size=16, patch_size=8))
-        args, names = (torch.randn(1, 3, 16, 16),), ["pixel_values"]
+        model = CLIPVisionModel(CLIPVisionConfig(hidden_size=d["hidden"], num_hidden_layers=d["layers"],
+                                                 num_attention_heads=d["heads"], intermediate_size=d["ffn"],
+                                                 image_size=d["image"], patch_size=d["patch"]))
+        args, names = (torch.randn(1, 3, d["image"], d["image"]),), ["pixel_values"]
     elif arch == "whisper-encoder":
-        model = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                                             num_mel_bins=16, max_source_positions=8, decoder_layers=1,
-                                             decoder_attention_heads=4, vocab_size=100))
-        args, names = (torch.randn(1, 16, 16),), ["input_features"]
+        model = WhisperEncoder(WhisperConfig(d_model=d["hidden"], encoder_layers=d["layers"],
+                                             encoder_attention_heads=d["heads"], encoder_ffn_dim=d["ffn"],
+                                             num_mel_bins=d["mel"], max_source_positions=d["frames"] // 2,
+                                             decoder_layers=1, decoder_attention_heads=d["heads"], vocab_size=100))
+        args, names = (torch.randn(1, d["mel"], d["frames"]),), ["input_features"]
     else:
         raise ValueError(f"unknown arch {arch}")
     model.eval()
@@ -71,14 +85,14 @@ def build(arch: str):
     return model, args, names
 
 
-def export(arch: str, exporter: str, path: Path) -> Path:
+def export(arch: str, exporter: str, path: Path, size: str = "tiny") -> Path:
     """Export one tiny model with torch.onnx (``dynamo``: default opset; ``legacy17``: dynamo=False, opset 17)."""
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
-    model, args, names = build(arch)
+    model, args, names = build(arch, size)
     if exporter == "legacy17":
         torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=names)
     else:
@@ -101,19 +115,19 @@ def residual_class(report: dict, model_path: Path) -> tuple[str, list[str]]:
     return weakest["basis"], limits
 
 
-def run_cell(arch: str, exporter: str, out: Path, iters: int) -> dict:
+def run_cell(arch: str, exporter: str, out: Path, iters: int, size: str = "tiny") -> dict:
     """Export, compile with each policy, read the residual class, bench both compiles."""
     from eecompile.bench import run_bench
     from eecompile.compiler import compile_model
     from eecompile.keys import generate_key
     from eecompile.passes.options import CompileOptions
 
-    model = out / f"{arch}-{exporter}.onnx"
+    model = out / f"{arch}-{exporter}-{size}.onnx"
     if not model.exists():
-        subprocess.run([sys.executable, __file__, "--export-one", arch, exporter, str(model)], check=True,
+        subprocess.run([sys.executable, __file__, "--export-one", arch, exporter, str(model), "--size", size], check=True,
                        capture_output=True)
     key = generate_key()
-    row = {"arch": arch, "exporter": exporter}
+    row = {"arch": arch, "exporter": exporter, "size": size}
     for policy in ("default", "rebase"):
         target = out / f"{arch}-{exporter}-{policy}"
         result = compile_model(model, key, target, force=True, options=CompileOptions(policy=policy))
@@ -129,10 +143,12 @@ def run_cell(arch: str, exporter: str, out: Path, iters: int) -> dict:
     return row
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, size: str = "tiny") -> str:
     """The RESULTS.md section."""
-    out = ["## Encoder residual streams", "",
-           "Tiny random-weight Hugging Face encoders (hidden 32, 2 layers, 4 heads; LayerNorm gains and biases "
+    d = SIZES[size]
+    out = [f"## Encoder residual streams ({size})", "",
+           f"Random-weight Hugging Face encoders (hidden {d['hidden']}, {d['layers']} layers, {d['heads']} heads, "
+           f"FFN {d['ffn']}; BERT {d['tokens']} tokens, ViT/CLIP {d['image']}² images; LayerNorm gains and biases "
            "randomised), residual-stream class = weakest class over the spaces of every LayerNormalization input. "
            "`default` adds nothing to the served model; `rebase` (`eecompile compile --policy rebase`) inserts one "
            "d×d MatMul after each op that binds the stream to a permutation. Ratio = encrypted p50 / original p50 "
@@ -155,20 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--exporters", default=",".join(EXPORTERS))
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--export-one", nargs=3, metavar=("ARCH", "EXPORTER", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.export_one:
-        export(args.export_one[0], args.export_one[1], Path(args.export_one[2]))
+        export(args.export_one[0], args.export_one[1], Path(args.export_one[2]), args.size)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for arch in args.archs.split(","):
         for exporter in args.exporters.split(","):
-            rows.append(run_cell(arch, exporter, out, args.iters))
+            rows.append(run_cell(arch, exporter, out, args.iters, args.size))
             print(json.dumps(rows[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(markdown(rows, "python benchmarks/encoder_streams.py --out /tmp/encoder_streams --iters " + str(args.iters)))
+    print(markdown(rows, f"python benchmarks/encoder_streams.py --size {args.size} --iters {args.iters}", args.size))
     return 0
 
 
