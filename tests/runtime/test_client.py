@@ -233,3 +233,75 @@ def test_onnx_client_models_drive_a_compiled_model(rng, tmp_path):
         assert relative_error(expected[name], decrypted[f"{name}_decrypted"]) <= 1e-5, name
         assert not np.allclose(expected[name], cipher[name])
     np.testing.assert_array_equal(decrypted["present_key_decrypted"], cipher["present_key"])  # state: untouched
+
+
+# -- reduced precision: float16 in, float16 out (and bfloat16) -----------------------------------
+from eecompile.passes.precision import BFLOAT16, round_to_bfloat16  # noqa: E402
+
+_REDUCED = {"float16": (np.dtype(np.float16), TensorProto.FLOAT16, 2.0 ** -11),
+            "bfloat16": (BFLOAT16, TensorProto.BFLOAT16, 2.0 ** -8)}
+
+
+def _reduced_client(rng) -> Client:
+    transforms = [t for t in _transforms(rng) if t.kind == "axis"]
+    return Client(BoundarySpec(transforms, list(transforms)), "test-model")
+
+
+def _reduced_feeds(rng, dtype) -> dict[str, np.ndarray]:
+    return {k: v.astype(dtype) for k, v in _feeds(rng).items() if k in ("hidden", "channels", "channels_dense",
+                                                                        "blocks", "heads")}
+
+
+@pytest.mark.parametrize("name", sorted(_REDUCED))
+def test_reduced_precision_keeps_its_type_and_rounds_once(rng, name):
+    """encrypt/decrypt of float16 (bfloat16) values give float16 (bfloat16): the float64 transform rounded once."""
+    dtype, _, u = _REDUCED[name]
+    client = _reduced_client(rng)
+    feeds = _reduced_feeds(rng, dtype)
+    cipher = client.encrypt(feeds)
+    exact = Client(client.spec).encrypt({k: v.astype(np.float64) for k, v in feeds.items()})  # float64, no rounding
+    for key, value in feeds.items():
+        assert cipher[key].dtype == dtype, key
+        want = exact[key].astype(np.float16) if dtype == np.float16 else round_to_bfloat16(exact[key])
+        np.testing.assert_array_equal(cipher[key].astype(np.float64), want.astype(np.float64), err_msg=key)
+    plain = client.decrypt(cipher)
+    for key, value in feeds.items():
+        assert plain[key].dtype == dtype
+        # two roundings (the ciphertext and the plaintext) amplified by the basis' condition: a few u
+        assert relative_error(value, plain[key]) < 64 * u, key
+
+
+def _run_reference(path, feeds: dict) -> dict:
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(path))
+    return dict(zip([o.name for o in model.graph.output], ReferenceEvaluator(model).run(None, feeds)))
+
+
+@pytest.mark.parametrize("name", sorted(_REDUCED))
+def test_reduced_precision_client_models_match_numpy(rng, tmp_path, name):
+    """encrypt.onnx / decrypt.onnx with float16 (bfloat16) IO run on ONNX Runtime's CPU (the transform in float32
+    between two Casts), return that type, and agree with the numpy client within one rounding of that type."""
+    dtype, elem, u = _REDUCED[name]
+    client = _reduced_client(rng)
+    feeds = _reduced_feeds(rng, dtype)
+    types = {k: helper.make_tensor_type_proto(elem, list(v.shape)) for k, v in feeds.items()}
+    bundle = client.save(tmp_path / "client", input_types=types, output_types=types)
+    for file in ("encrypt.onnx", "decrypt.onnx"):
+        model = onnx.load(str(bundle / file))
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.type.tensor_type.elem_type for o in model.graph.output} == {elem}
+        ort.InferenceSession(str(bundle / file), providers=["CPUExecutionProvider"])  # every kernel exists on CPU
+    # ONNX Runtime's Python binding takes and returns no bfloat16 numpy arrays (the models run on its CPU provider
+    # from C/C++); in Python, onnx's reference evaluator runs the bfloat16 models
+    run = _run_onnx if dtype == np.float16 else _run_reference
+    cipher = client.encrypt(feeds)
+    got = run(bundle / "encrypt.onnx", feeds)
+    for key in feeds:
+        assert got[f"{key}_encrypted"].dtype == dtype
+        assert relative_error(cipher[key], got[f"{key}_encrypted"]) <= 2 * u, key
+    plain = run(bundle / "decrypt.onnx", cipher)
+    numpy_plain = client.decrypt(cipher)
+    for key in feeds:
+        assert plain[f"{key}_decrypted"].dtype == dtype
+        assert relative_error(numpy_plain[key], plain[f"{key}_decrypted"]) <= 2 * u, key
