@@ -125,9 +125,10 @@ SPECS: dict[str, Spec] = {
     "t5_encoder": Spec("t5_encoder", {"model_type": "t5", "d_model": HIDDEN, "d_kv": 8, "num_heads": HEADS,
                                       "d_ff": INTERMEDIATE, "num_layers": LAYERS, "vocab_size": VOCAB,
                                       "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
-                                      "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0},
+                                      "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+                                      "tie_word_embeddings": False},
                        _TEXT_INPUTS, ("last_hidden_state",), _TEXT_DTYPES,
-                       optimum_task="text2text-generation", optimum_file="encoder_model.onnx", text=True),
+                       optimum_task="text2text-generation-with-past", optimum_file="encoder_model.onnx", text=True),
     "clip_text": Spec("clip_text", {"model_type": "clip_text_model", "hidden_size": HIDDEN,
                                     "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
                                     "intermediate_size": INTERMEDIATE, "vocab_size": VOCAB,
@@ -440,10 +441,24 @@ def _optimum_export_main(arch: str, checkpoint: str, out: str) -> None:
         full = WhisperForConditionalGeneration(model.config)
         full.model.load_state_dict(model.state_dict())
         model = full.eval()
+    if SPECS[arch].kind == "t5_encoder":  # an encoder-only checkpoint: optimum exports T5 as encoder + decoder
+        from transformers import T5ForConditionalGeneration
+
+        full = T5ForConditionalGeneration(_hf_config(SPECS[arch]))
+        full.encoder.load_state_dict(model.encoder.state_dict())
+        full.shared.load_state_dict(model.shared.state_dict())
+        model = full.eval()
+    extra: dict[str, Any] = {}
+    if SPECS[arch].kind == "whisper_encoder":  # optimum's dummy audio is 3000 frames; this encoder takes 32
+        extra["nb_max_frames"] = 2 * model.config.max_source_positions
+    if SPECS[arch].kind == "clip_text":  # no transformers-library config for a bare CLIPTextModel: pass optimum's own
+        from optimum.exporters.onnx.model_configs import CLIPTextOnnxConfig
+
+        extra["custom_onnx_configs"] = {"model": CLIPTextOnnxConfig(model.config, task="feature-extraction")}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         main_export(tmp, output=out, task=SPECS[arch].optimum_task, library_name="transformers", device="cpu",
-                    do_validation=True)
+                    do_validation=True, **extra)
 
 
 # --- the whole set ----------------------------------------------------------------------
