@@ -36,6 +36,7 @@ from eecompile.errors import EECompileError
 from eecompile.passes.graph import InvalidModel, Validity, check_model
 from eecompile.passes.precision import (BFLOAT16, Tolerance, WidenedSession, has_bfloat16, verification_tolerance,
                                         widen_bfloat16)
+from eecompile.passes.store import release_memory
 
 PRIVATE_DOMAIN = "ai.eecompile"
 DEFAULT_TOLERANCE = 1e-4
@@ -209,6 +210,119 @@ def config_shapes(model_path: str | Path, roles: dict[str, str]) -> dict[str, in
     return {s: head for s in statics}
 
 
+_SHAPE_KEEPING = {"Cast", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Clip", "Pad"}
+"""Ops through which an input reaches its first Conv with its axes unchanged (scaling, padding)."""
+
+
+def _first_conv(graph, name: str):
+    """The first Conv a tensor reaches through :data:`_SHAPE_KEEPING` ops (breadth first), or None."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for x in node.input:
+            if x:
+                consumers.setdefault(x, []).append(node)
+    frontier, seen = [name], set()
+    while frontier:
+        t = frontier.pop(0)
+        if t in seen:
+            continue
+        seen.add(t)
+        for node in consumers.get(t, []):
+            if node.op_type == "Conv" and node.input[0] == t:
+                return node, consumers
+            if node.op_type in _SHAPE_KEEPING:
+                frontier.extend(o for o in node.output if o)
+    return None, consumers
+
+
+def _forward_convs(graph, conv, consumers, limit: int = 4) -> list:
+    """``conv`` and the next Convs downstream of it, in graph order (at most ``limit``)."""
+    reach, frontier = set(), [o for o in conv.output if o]
+    while frontier:
+        t = frontier.pop()
+        for node in consumers.get(t, []):
+            if id(node) not in reach:
+                reach.add(id(node))
+                frontier.extend(o for o in node.output if o)
+    order = [n for n in graph.node if id(n) in reach and n.op_type == "Conv"]
+    return [conv, *order][:limit]
+
+
+def _table_lengths(graph) -> list[int]:
+    """Row counts of constant tables that are not a contraction's weight (position embeddings), largest first."""
+    weights = {n.input[1] for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose")
+               and len(n.input) > 1}
+    weights |= {n.input[0] for n in graph.node if n.op_type in ("MatMul", "Gemm")}
+    lengths = set()
+    for init in graph.initializer:
+        dims = list(init.dims)
+        if init.name in weights or len(dims) not in (2, 3) or (len(dims) == 3 and dims[0] != 1):
+            continue
+        rows = dims[-2]
+        if rows >= 2 and dims[-1] >= 2:
+            lengths.add(rows)
+    return sorted(lengths, reverse=True)
+
+
+def structural_shapes(model_path: str | Path, inputs: list[tuple[str, str, list]],
+                      roles: dict[str, str]) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """Sizes of symbolic input dims the graph itself determines, for inputs feeding a Conv.
+
+    Returns ``(fixed, spatial)``: ``fixed`` sets a symbolic channel axis (axis 1) to the first Conv's
+    input channels (weight ``[M, C/group, ...]``); ``spatial`` lists alternative assignments of the
+    symbolic spatial axes (2, 3, ...), most likely first: the Conv stem's stride (cumulated over the
+    first Convs) times a grid whose cells number the rows of a constant table of the graph, or one
+    more (a position-embedding table, with or without a class token: ``[1, (H/p)·(W/p) + 1, D]``),
+    then small multiples of the stride.  A ViT exported with a dynamic image size gets its real
+    image size instead of a size it cannot run.  Batch and text symbols are left to the roles.
+    """
+    from eecompile.passes.store import load_structure
+
+    try:
+        graph = load_structure(model_path).graph
+    except Exception:  # noqa: BLE001 - no structure, nothing derived
+        return {}, []
+    init = {t.name: list(t.dims) for t in graph.initializer}
+    fixed: dict[str, int] = {}
+    spatial: list[dict[str, int]] = []
+    for name, type_, dims in inputs:
+        if "float" not in type_ and "double" not in type_:
+            continue
+        symbolic = {axis: str(d) for axis, d in enumerate(dims) if not (isinstance(d, int) and d >= 0)
+                    and roles.get(str(d)) != "batch"}
+        if not symbolic:
+            continue
+        conv, consumers = _first_conv(graph, name)
+        if conv is None or conv.input[1] not in init:
+            continue
+        weight = init[conv.input[1]]
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        if 1 in symbolic and len(weight) >= 3:
+            fixed[symbolic[1]] = weight[1] * group
+        axes = [a for a in symbolic if a >= 2]
+        if not axes:
+            continue
+        strides, total = [], 1
+        for c in _forward_convs(graph, conv, consumers):
+            s = next((list(a.ints) for a in c.attribute if a.name == "strides"), [1])
+            total *= s[0] if s else 1
+            if total not in strides:
+                strides.append(total)
+        kernel = max(weight[2:] or [1])
+        sizes: list[int] = []
+        for rows in _table_lengths(graph):
+            for cells in (rows, rows - 1):
+                grid = round(cells ** (1 / len(axes)))
+                if grid >= 1 and grid ** len(axes) == cells:
+                    sizes += [stride * grid for stride in strides]
+        sizes += [max(kernel, strides[0]) * k for k in (1, 2, 4, 8)]
+        for size in dict.fromkeys(sizes):
+            option = {symbolic[a]: size for a in axes}
+            if option not in spatial:
+                spatial.append(option)
+    return fixed, spatial[:16]
+
+
 def _role_value(symbol: str, values: dict[str, int]) -> int:
     role = _name_role(symbol) or "seq"
     return values["past"] + values["seq"] if role == "total" else values[role]
@@ -225,21 +339,26 @@ def parse_shapes(text: str) -> dict[str, int]:
     return out
 
 
-def candidate_assignments(session, shapes: dict[str, int] | None = None,
-                          allow_past: bool = True) -> list[dict[str, int]]:
-    """Symbol assignments to try, in order (``shapes``: user symbols or roles; see :data:`ROLE_ALIASES`)."""
+def candidate_assignments(session, shapes: dict[str, int] | None = None, allow_past: bool = True,
+                          spatial: list[dict[str, int]] | None = None) -> list[dict[str, int]]:
+    """Symbol assignments to try, in order (``shapes``: user symbols or roles; see :data:`ROLE_ALIASES`).
+
+    ``spatial`` (:func:`structural_shapes`) are alternative values of spatial symbols; each is tried
+    with every role candidate before the role values alone (symbols ``shapes`` names win over them).
+    """
     roles = symbol_roles(_inputs(session))
     shapes = dict(shapes or {})
     role_fixed = {ROLE_ALIASES[k.lower()]: v for k, v in shapes.items() if k not in roles and k.lower() in ROLE_ALIASES}
     fixed = {k: v for k, v in shapes.items() if k in roles}
     out: list[dict[str, int]] = []
-    for candidate in CANDIDATES:
-        values = {**candidate, **role_fixed}
-        if not allow_past and "past" not in role_fixed:
-            values["past"] = 0
-        assignment = assign(roles, values, fixed)
-        if assignment is not None and assignment not in out:
-            out.append(assignment)
+    for option in [*(spatial or []), {}]:
+        for candidate in CANDIDATES:
+            values = {**candidate, **role_fixed}
+            if not allow_past and "past" not in role_fixed:
+                values["past"] = 0
+            assignment = assign(roles, values, {**option, **fixed})
+            if assignment is not None and assignment not in out:
+                out.append(assignment)
     return out or [assign(roles, {"batch": 1, "seq": 1, "past": 0}, fixed) or {}]
 
 
@@ -424,8 +543,10 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
                                              "bases are not available to encrypt it")
     else:
         plans, error = None, None
-        shapes = {**config_shapes(original, symbol_roles(_inputs(ref))), **(shapes or {})}
-        candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state)
+        roles = symbol_roles(_inputs(ref))
+        derived, spatial = structural_shapes(original, _inputs(ref), roles)
+        shapes = {**derived, **config_shapes(original, roles), **(shapes or {})}
+        candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state, spatial=spatial)
         for symbols in candidates:
             feeds = feeds_for(ref, symbols, seeds[0], index_sizes)
             try:
@@ -450,6 +571,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         step = _plain_step(ref, client, feeds, symbols, expected, names, index_sizes) if has_state else None
         runs.append((feeds, expected, step))
     del ref
+    release_memory()  # the original's weights leave memory before the compiled model's arrive
     try:
         enc, _ = _verification_session(server)
     except Exception as exc:  # ORT raises its own exception types
@@ -463,6 +585,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         elif step is not None:
             worst, decoded = max(worst, _encrypted_step(enc, client, full, step, got, names, tol, measured)), True
     del enc
+    release_memory()
     unmeasured = [n for n in names if n not in measured and (full is not None or n not in client.state_outputs)]
     if not measured:
         return VerifyResult(False, None, f"skipped: the original computes NaN or infinity in every element of every "
