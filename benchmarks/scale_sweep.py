@@ -121,20 +121,19 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
     from eecompile.passes import context
     from eecompile.passes.basis import Basis
 
-    products: list[tuple[int, int]] = []  # (rows, k): one (rows x k) @ (k x k) float64 product each
-    block_right, basis_right = context.block_right, Basis.right
+    products: list[tuple[int, int, int]] = []  # (m, k, n): one (m x k) @ (k x n) float64 product each
+    dense_product, basis_right = context.dense_product, Basis.right
 
-    def recording_block(basis, array, axis, out=None):
-        if basis.dense is not None:
-            products.append((int(np.prod(array.shape)) // basis.size, basis.size))
-        return block_right(basis, array, axis, out)
+    def recording_product(a, b, out=None):
+        products.append((int(np.prod(a.shape[:-1])), int(a.shape[-1]), int(b.shape[-1])))
+        return dense_product(a, b, out)
 
     def recording_right(self, array, axis=-1):
         if self.dense is not None:
-            products.append((int(np.size(array)) // self.size, self.size))
+            products.append((int(np.size(array)) // self.size, self.size, self.size))
         return basis_right(self, array, axis)
 
-    context.block_right, Basis.right = recording_block, recording_right
+    context.dense_product, Basis.right = recording_product, recording_right
     phases: dict[str, dict] = {}
 
     class Phases(logging.Handler):
@@ -150,12 +149,12 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
     result = compile_model(str(model), str(key), str(out), force=True, verify=verify, progress=False)
     seconds = time.perf_counter() - start
     peak = max([p["peak_rss_gib"] for p in phases.values()] + [_hwm_gib()])
-    context.block_right, Basis.right = block_right, basis_right
+    context.dense_product, Basis.right = dense_product, basis_right
     weights = _weights(model)
     floor_blas = blas_time(products)
     floor_io = io_time(model, out.parent / "io-floor.bin")
     return dict(compile_s=seconds, peak_rss_gib=peak, phases=phases, dense_products=len(products),
-                dense_gflop=sum(2.0 * r * k * k for r, k in products) / 1e9, floor_blas_s=floor_blas,
+                dense_gflop=sum(2.0 * m * k * n for m, k, n in products) / 1e9, floor_blas_s=floor_blas,
                 floor_io_s=floor_io, floor_s=floor_blas + floor_io, ratio_to_floor=seconds / (floor_blas + floor_io),
                 largest_tensor_gib=max(int(np.prod(s)) * np.dtype(d).itemsize for s, d in weights) / 2**30,
                 weight_gib=sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in weights) / 2**30,
@@ -163,28 +162,29 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
                 blas_f32_vs_f64=precision_probe(products))
 
 
-def blas_time(products: list[tuple[int, int]]) -> float:
-    """Seconds the BLAS takes for these float64 products, on preallocated operands (one array per shape)."""
-    arrays: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+def blas_time(products: list[tuple[int, int, int]]) -> float:
+    """Seconds the BLAS takes for these float64 ``(m x k) @ (k x n)`` products, on preallocated operands (one
+    set per shape, reused while the shape repeats)."""
+    arrays: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     rng = np.random.default_rng(0)
     total = 0.0
-    for rows, k in products:
-        if (rows, k) not in arrays:
+    for m, k, n in products:
+        if (m, k, n) not in arrays:
             arrays.clear()  # keep one shape's operands at a time
-            arrays[rows, k] = (rng.standard_normal((rows, k)), rng.standard_normal((k, k)), np.empty((rows, k)))
-        a, b, c = arrays[rows, k]
+            arrays[m, k, n] = (rng.standard_normal((m, k)), rng.standard_normal((k, n)), np.empty((m, n)))
+        a, b, c = arrays[m, k, n]
         t = time.perf_counter()
         np.matmul(a, b, out=c)
         total += time.perf_counter() - t
     return total
 
 
-def precision_probe(products: list[tuple[int, int]]) -> dict:
+def precision_probe(products: list[tuple[int, int, int]]) -> dict:
     """float32 against float64 on the largest dense product's shape: time ratio and the relative error
     of the float32 product (what computing the folds in float32 would cost in exactness)."""
     if not products:
         return {}
-    rows, k = max(products, key=lambda p: p[0] * p[1] * p[1])
+    rows, k, _ = max(products, key=lambda p: p[0] * p[1] * p[2])
     rng = np.random.default_rng(1)
     a = rng.standard_normal((min(rows, 8192), k)).astype(np.float32)
     q, _ = np.linalg.qr(rng.standard_normal((k, k)))

@@ -301,17 +301,22 @@ class FoldAxisBasis(AxisBasis):
         return FoldAxisBasis(tuple(b.dual() for b in self.blocks))
 
 
+def dense_product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` in float64 (into ``out`` when given): every dense product of the fold goes through here."""
+    return np.matmul(a, b, out=out)
+
+
 def block_right(basis: Basis, array: np.ndarray, axis: int, out: np.ndarray | None = None) -> np.ndarray:
     """``array @ T`` contracting ``axis`` for one basis, written into ``out`` (a new float64 array when None)."""
     if out is None:
         out = np.empty(array.shape, np.float64)
     if basis.dense is not None:
         if axis == array.ndim - 1:
-            np.matmul(array, basis.dense, out=out)
+            dense_product(array, basis.dense, out)
         elif array.ndim == 2:
-            np.matmul(basis.dense.T, array, out=out)
+            dense_product(basis.dense.T, array, out)
         else:
-            np.moveaxis(out, axis, -1)[...] = np.moveaxis(array, axis, -1) @ basis.dense
+            np.moveaxis(out, axis, -1)[...] = dense_product(np.moveaxis(array, axis, -1), basis.dense)
         return out
     if basis.perm is not None:
         np.take(array, basis.perm, axis=axis, out=out, mode="clip")
@@ -322,6 +327,123 @@ def block_right(basis: Basis, array: np.ndarray, axis: int, out: np.ndarray | No
         shape[axis] = basis.size
         out *= basis.scale.reshape(shape)
     return out
+
+
+FOLD_CHUNK_BYTES = 64 << 20
+"""Largest float64 chunk of a weight :func:`fold_matrix` works on at once."""
+
+
+def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBasis | Basis | None,
+                dtype=None, chunk_bytes: int = FOLD_CHUNK_BYTES, out: np.ndarray | None = None) -> np.ndarray:
+    """``R^T · W · C`` for a 2-D weight: ``rows`` contracts axis 0 and ``cols`` axis 1 (as ``rows.right(W, 0)``
+    then ``cols.right(·, 1)``), None or the identity leaving that axis alone.
+
+    The products are float64, done on chunks of at most ``chunk_bytes`` of output rows (or of output columns,
+    when only the rows mix: a wide LM head), a dense row block accumulated over chunks of its input rows, and
+    each chunk is rounded straight into one result of ``dtype`` (the weight's by default; ``out`` when given).
+    So a fold holds the weight, its result and a few chunks, never a float64 copy of either.
+    """
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise ValueError("fold_matrix folds 2-D weights")
+    n_rows, n_cols = weight.shape
+    rows, cols = _as_axis(rows), _as_axis(cols)
+    if rows is not None and rows.size != n_rows or cols is not None and cols.size != n_cols:
+        raise ValueError(f"bases of sizes {rows and rows.size}, {cols and cols.size} do not fit a weight of shape "
+                         f"{weight.shape}")
+    if out is None:
+        out = np.empty(weight.shape, np.dtype(dtype) if dtype is not None else weight.dtype)
+    if rows is not None and cols is not None and any(b.dense is not None for b in rows.blocks) \
+            and all(b.dense is None for b in cols.blocks):
+        fold_matrix(weight.T, cols, rows, chunk_bytes=chunk_bytes, out=out.T)  # column chunks: no accumulation
+        return out
+    step = max(1, int(chunk_bytes) // (8 * max(n_cols, 1)))
+    for start, pieces in _row_chunks(rows, n_rows, step):
+        stop = pieces[-1][0] + pieces[-1][3]
+        chunk = np.empty((stop - start, n_cols), np.float64)
+        for offset, size, c0, c1, dense, index, scale in pieces:  # output rows offset+c0 : offset+c1
+            target = chunk[offset + c0 - start:offset + c1 - start]
+            source = weight[offset:offset + size]
+            if dense is not None and c1 - c0 == size and size <= step:
+                dense_product(dense.T, source.astype(np.float64), target)
+            elif dense is not None:  # a slice of a large block: accumulated over its input rows
+                target[...] = 0.0
+                for k0 in range(0, size, step):
+                    k1 = min(k0 + step, size)
+                    target += dense_product(dense[k0:k1, c0:c1].T, source[k0:k1].astype(np.float64))
+            else:
+                target[...] = source[index[c0:c1] if index is not None else slice(c0, c1)]
+                if scale is not None:
+                    target *= scale[c0:c1, None]
+        if cols is not None:
+            chunk = cols.right(chunk, 1)
+        out[start:stop] = chunk
+    return out
+
+
+def _row_chunks(rows: AxisBasis | None, n_rows: int, step: int):
+    """``(first row, pieces)`` per chunk of at most ``step`` output rows (more only for one dense block that
+    fits no smaller chunk): pieces ``(offset, size, c0, c1, dense, index, scale)`` of the runs of
+    :func:`_row_runs`, small blocks packed together so that the column product runs on whole chunks."""
+    pieces: list[tuple] = []
+    filled = 0
+    for offset, size, dense, index, scale in _row_runs(rows, n_rows):
+        for c0 in range(0, size, step):
+            c1 = min(c0 + step, size)
+            if pieces and filled + (c1 - c0) > step:
+                yield pieces[0][0] + pieces[0][2], pieces
+                pieces, filled = [], 0
+            pieces.append((offset, size, c0, c1, dense, index, scale))
+            filled += c1 - c0
+    if pieces:
+        yield pieces[0][0] + pieces[0][2], pieces
+
+
+def _row_runs(rows: AxisBasis | None, n_rows: int):
+    """``(offset, size, dense, index, scale)`` per dense block of ``rows`` and per run of consecutive monomial
+    or identity blocks (one gather for the run: ``index`` into the run's rows, None for in place)."""
+    if rows is None:
+        yield 0, n_rows, None, None, None
+        return
+    run: list[tuple[int, Basis]] = []
+
+    def flush():
+        if not run:
+            return None
+        start = run[0][0]
+        size = sum(b.size for _, b in run)
+        moved = any(b.perm is not None for _, b in run)
+        scaled = any(b.scale is not None for _, b in run)
+        index = np.concatenate([(b.perm if b.perm is not None else np.arange(b.size)) + (o - start)
+                                for o, b in run]) if moved else None
+        scale = np.concatenate([b.scale if b.scale is not None else np.ones(b.size) for _, b in run]) \
+            if scaled else None
+        run.clear()
+        return start, size, None, index, scale
+
+    offset = 0
+    for block in rows.blocks:
+        if block.dense is not None:
+            done = flush()
+            if done is not None:
+                yield done
+            yield offset, block.size, block.dense, None, None
+        else:
+            run.append((offset, block))
+        offset += block.size
+    done = flush()
+    if done is not None:
+        yield done
+
+
+def _as_axis(basis: AxisBasis | Basis | None) -> FoldAxisBasis | None:
+    """A :class:`FoldAxisBasis` of ``basis``, None for no basis or the identity."""
+    if basis is None:
+        return None
+    blocks = basis.blocks if isinstance(basis, AxisBasis) else (basis,)
+    if all(b.is_identity for b in blocks):
+        return None
+    return FoldAxisBasis(tuple(blocks))
 
 
 def _arith(op: str, x, y, z=None):

@@ -217,7 +217,7 @@ def measure_exposure(original: str | Path, server: str | Path, plain_feeds: dict
 
 
 def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: Path, clear, state_outputs) -> dict:
-    from eecompile.passes.store import load_structure
+    from eecompile.passes.store import load_structure, release_memory
 
     model = load_structure(original)  # the graph; the weights stay in their files
     try:
@@ -245,6 +245,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     fetch = [*names, *state]
     values = session.run(fetch, plain_feeds)
     del session
+    release_memory()
     kept = []
     for name, value in zip(fetch, values):
         value = np.asarray(value)
@@ -262,6 +263,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     del model
     got = session.run(matched, encrypted_feeds)
     del session
+    release_memory()
 
     exposed, compared, excluded, uninformative = [], 0, {}, 0
     state_compared = state_exposed = 0

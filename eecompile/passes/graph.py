@@ -17,7 +17,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from eecompile.errors import ModelFileError
 from eecompile.passes.options import CompileOptions
 from eecompile.passes.precision import BFLOAT16, is_float_dtype
-from eecompile.passes.store import INLINE_BYTES, FileValues, TensorStore, external_values, load_structure
+from eecompile.passes.store import (INLINE_BYTES, DerivedValues, FileValues, TensorStore, external_values,
+                                    load_structure)
 
 Dim = int | str | None
 
@@ -323,9 +324,8 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     entry point raises, and writes a file into the working directory, when any is left unknown);
     the declared graph outputs keep their own types; value_info without a shape is dropped.
     """
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
+    SymbolicShapeInference = _symbolic_shape_inference()
+    if SymbolicShapeInference is None:  # pragma: no cover - onnxruntime is a dependency
         return None
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -342,6 +342,31 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def _symbolic_shape_inference():
+    """ONNX Runtime's ``SymbolicShapeInference`` class, or None without ONNX Runtime.
+
+    The module is loaded from its file rather than through ``onnxruntime.tools``, whose package init imports
+    torch when it is installed (seconds of a compile's start, for a helper the compile never calls).
+    """
+    import importlib.util
+    import sys
+
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name].SymbolicShapeInference
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "tools" / "symbolic_shape_infer.py"
+    module_spec = importlib.util.spec_from_file_location("eecompile._ort_symbolic_shape_infer", path)
+    if module_spec is None or not path.is_file():
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _slim_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -403,8 +428,9 @@ class ModelGraph:
         self.graph: gs.Graph = gs.import_onnx(model)
         for tensor in self.graph.tensors().values():
             if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues) \
-                    and not isinstance(tensor._values, FileValues):
-                values = external_values(tensor._values.tensor, Path(base_dir))
+                    and not isinstance(tensor._values, (FileValues, DerivedValues)):
+                values = self.store.resolve(tensor._values.tensor) or external_values(tensor._values.tensor,
+                                                                                       Path(base_dir))
                 if values is not None:
                     tensor._values = values
             _numpy_bfloat16(tensor)

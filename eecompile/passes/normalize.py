@@ -2,6 +2,9 @@
 
 * Constant nodes become initializers; Transpose of an initializer is folded (this unties
   a tied LM head from its embedding, a V×d copy that the report states).
+* Rewrites of large weights still in their file (those transposes, the gains below) are deferred: the
+  constant holds the rewrite (:class:`~eecompile.passes.store.DerivedValues`), applied when the weight's
+  rule reads it to fold it, so each weight is read once and written once.
 * SliceGPT-style gain folding: a per-coordinate gain (a norm's scale, a Mul by a constant
   vector) whose every consumer is a linear layer is multiplied into those weights and
   replaced by ones, so the normalised space may take an orthogonal basis.
@@ -17,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from eecompile.passes.graph import ModelGraph
 from eecompile.passes.rules import SHAPE_ONLY_OPS
-from eecompile.passes.store import FileValues, shared_values
+from eecompile.passes.store import DerivedValues, FileValues, derived, shared_values
 
 NORM_OPS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization",
             "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
@@ -83,15 +86,16 @@ def _fold_static_shapes(mg: ModelGraph) -> None:
         tensor.data_location = None
 
 
-def _foldable_file_constants(mg: ModelGraph) -> list[tuple[gs.Constant, FileValues]]:
-    """Constants still in a file that are read by a node whose inputs are all constants (a folding candidate)."""
+def _foldable_file_constants(mg: ModelGraph) -> list[tuple[gs.Constant, FileValues | DerivedValues]]:
+    """Constants still in a file (or a deferred rewrite of one) that are read by a node whose inputs are all
+    constants (a folding candidate)."""
     found: dict[int, tuple[gs.Constant, FileValues]] = {}
     for node in mg.nodes:
         inputs = [t for t in node.inputs if t.name]
         if not inputs or not all(isinstance(t, gs.Constant) for t in inputs):
             continue
         for tensor in inputs:
-            if isinstance(tensor._values, FileValues):
+            if isinstance(tensor._values, (FileValues, DerivedValues)):
                 found[id(tensor)] = (tensor, tensor._values)
     return list(found.values())
 
@@ -125,10 +129,16 @@ def _fold_constant_transposes(mg: ModelGraph, result: NormalizeResult) -> None:
         out = node.outputs[0]
         if out in mg.graph.outputs:
             continue
-        src = np.asarray(node.inputs[0].values)
-        perm = node.attrs.get("perm", list(range(src.ndim - 1, -1, -1)))
-        const = gs.Constant(f"{out.name}_folded", np.zeros(0, src.dtype))
-        mg.set_values(const, np.transpose(src, perm))
+        source = node.inputs[0]
+        perm = tuple(int(p) for p in node.attrs.get("perm", range(len(source.shape) - 1, -1, -1)))
+        name = f"{out.name}_folded"
+        deferred = derived(source._values, name, mg.store, "transpose", perm)
+        if deferred is not None:  # a weight in its file: transposed when its rule reads it to fold it
+            const = gs.Constant(name, deferred)
+        else:
+            src = np.asarray(source.values)
+            const = gs.Constant(name, np.zeros(0, src.dtype))
+            mg.set_values(const, np.transpose(src, perm))
         _replace_uses(out, const)
         node.outputs.clear()
         result.transposes_folded.append(node.inputs[0].name)
@@ -155,10 +165,15 @@ def _scale_rows(mg: ModelGraph, node: gs.Node, gain: np.ndarray) -> None:
         previous = mg.row_gains.get(node.name)
         mg.row_gains[node.name] = gain if previous is None else previous * gain
         return
-    weight = np.asarray(node.inputs[1].values)
     trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+    name = f"{node.inputs[1].name}_g"
+    deferred = derived(node.inputs[1]._values, name, mg.store, "scale", gain, 1 if trans else 0)
+    if deferred is not None:  # a weight in its file: scaled when its rule reads it to fold it
+        node.inputs[1] = gs.Constant(name, deferred)
+        return
+    weight = np.asarray(node.inputs[1].values)
     scaled = weight * gain[None, :] if trans else weight * gain[:, None]
-    const = gs.Constant(f"{node.inputs[1].name}_g", np.zeros(0, weight.dtype))
+    const = gs.Constant(name, np.zeros(0, weight.dtype))
     mg.set_values(const, scaled.astype(weight.dtype))
     node.inputs[1] = const
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import helper
 
@@ -62,11 +61,81 @@ def shared_values(values):
     TensorProto under its owner's name, so two constants must never share one)."""
     if isinstance(values, FileValues):
         return FileValues(values.path, values.offset, values.shape, values.np_dtype, values.tensor.name)
+    if isinstance(values, DerivedValues):
+        return values.copy(values.tensor.name)
     if isinstance(values, LazyValues):
         proto = onnx.TensorProto()
         proto.CopyFrom(values.tensor)
         return LazyValues(proto)
     return values
+
+
+DERIVED_LOCATION = "eecompile-derived:"
+"""External-data location prefix naming a :class:`DerivedValues` of the compile's :class:`TensorStore`
+(a graph exported and re-imported during the compile keeps its deferred rewrites)."""
+
+
+class DerivedValues(LazyValues):
+    """A weight rewritten on read: another constant's values, transposed and/or scaled along one axis.
+
+    Normalization's rewrites of large weights (a Transpose of an initializer, a gain folded into a linear
+    layer's rows) are deferred to the moment a rule reads the weight to fold it, so the weight is read once
+    and written once, finally. ``load`` returns exactly what the eager rewrite stored: the source's values
+    transposed (a view), each gain product computed in float64 and rounded once to the weight's dtype.
+    """
+
+    def __init__(self, source, name: str, steps: tuple = (), registry: dict | None = None) -> None:
+        self.source, self.steps, self.registry = source, tuple(steps), registry
+        src_shape = tuple(int(d) for d in (source.shape))
+        shape, dtype = src_shape, np.dtype(source.dtype if not isinstance(source, LazyValues)
+                                           else helper.tensor_dtype_to_np_dtype(source.tensor.data_type))
+        for kind, arg, *_ in self.steps:
+            if kind == "transpose":
+                shape = tuple(shape[i] for i in arg)
+        self.np_dtype = dtype
+        proto = onnx.TensorProto()
+        proto.name = name
+        proto.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        proto.dims.extend(shape)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        key = f"{id(self):x}"
+        entry = proto.external_data.add()
+        entry.key, entry.value = "location", DERIVED_LOCATION + key
+        super().__init__(proto)
+        if registry is not None:
+            registry[key] = self
+
+    def then(self, name: str, *step) -> "DerivedValues":
+        """These values followed by one more step (``("transpose", perm)`` or ``("scale", gain, axis)``)."""
+        return DerivedValues(self.source, name, (*self.steps, tuple(step)), self.registry)
+
+    def copy(self, name: str) -> "DerivedValues":
+        """The same rewrite for a second constant (a graphsurgeon export names each proto after its owner)."""
+        return DerivedValues(self.source, name, self.steps, self.registry)
+
+    def load(self) -> np.ndarray:
+        """The source's values with every step applied."""
+        array = self.source.load() if isinstance(self.source, LazyValues) else np.asarray(self.source)
+        for kind, arg, *rest in self.steps:
+            if kind == "transpose":
+                array = np.transpose(array, arg)
+            else:
+                shape = [1] * array.ndim
+                shape[rest[0]] = -1
+                scaled = np.empty_like(array, dtype=self.np_dtype)  # in the source's memory order (a transpose)
+                np.multiply(array, arg.reshape(shape), out=scaled, casting="same_kind")  # float64, rounded once
+                array = scaled
+        return array
+
+
+def derived(values, name: str, store: "TensorStore", *step):
+    """``values`` (a constant's ``_values``) followed by ``step``, deferred when the values are a large weight
+    still in its file (a :class:`DerivedValues` registered in ``store``), else None (rewrite it now)."""
+    if isinstance(values, DerivedValues):
+        return values.then(name, *step)
+    if isinstance(values, LazyValues) and values.nbytes >= INLINE_BYTES and store.scratch is not None:
+        return DerivedValues(values, name, (tuple(step),), store.derived)
+    return None
 
 
 def external_values(tensor: onnx.TensorProto, base_dir: Path) -> FileValues | None:
@@ -106,6 +175,20 @@ class TensorStore:
         self.final: Path | None = None
         self.final_location: str | None = None
         self._final_handle = None
+        self.derived: dict[str, DerivedValues] = {}
+        """Deferred rewrites by key (:data:`DERIVED_LOCATION`), to re-attach them to a re-imported graph."""
+
+    def resolve(self, tensor: onnx.TensorProto) -> "DerivedValues | None":
+        """The :class:`DerivedValues` an exported initializer stands for, or None when it is not one."""
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return None
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not location.startswith(DERIVED_LOCATION):
+            return None
+        values = self.derived.get(location[len(DERIVED_LOCATION):])
+        if values is None:
+            raise ValueError(f"initializer '{tensor.name}' refers to a deferred rewrite of another compile")
+        return values
 
     def open_final(self, path: str | Path, location: str) -> None:
         """Write every tensor stored from now on into ``path`` (referenced as ``location`` in the model)."""
@@ -295,3 +378,22 @@ def in_place_session(model: onnx.ModelProto, folder: str | Path, options=None):
     options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                      str(Path(folder).resolve()))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def release_memory() -> None:
+    """Hand memory freed by a released session (or a folded weight) back to the system.
+
+    glibc's allocator keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its heap, so
+    the weights of a released ONNX Runtime session stay resident and add to the next session's; a
+    ``malloc_trim`` returns them. A no-op where the C library has none.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eecompile.passes.basis import AxisBasis, Basis
-from eecompile.passes.context import FoldAxisBasis
+from eecompile.passes.context import FoldAxisBasis, fold_matrix
 
 
 def _blocks(rng):
@@ -30,3 +30,57 @@ def test_fold_axis_basis_matches_axis_basis(pick, transform):
         want, got = plain.right(array, axis), fold.right(array, axis)
         assert got.dtype == np.float64 and got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 8 * 7 * 3, 8 * 7])  # whole blocks; 3 rows; 1 row per chunk
+@pytest.mark.parametrize("sides", ["rows", "cols", "both", "wide"])  # wide: mixing rows, permuted columns
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_fold_matrix_equals_the_two_products(chunk_bytes, sides, dtype):
+    """R^T W C chunk by chunk equals rows.right(W, 0) then cols.right(·, 1), rounded once to the weight's dtype."""
+    rng = np.random.default_rng(1)
+    rows = AxisBasis(_blocks(rng)) if sides in ("rows", "both", "wide") else None
+    n = 20
+    cols = AxisBasis((Basis(7, dense=rng.standard_normal((7, 7))),)) if sides in ("cols", "both") else None
+    if sides == "wide":
+        cols = AxisBasis((Basis.monomial(rng.permutation(4), rng.uniform(1, 2, 4)), Basis.monomial(rng.permutation(3))))
+    weight = rng.standard_normal((n, 7)).astype(dtype)
+    want = weight.astype(np.float64)
+    if rows is not None:
+        want = rows.right(want, 0)
+    if cols is not None:
+        want = cols.right(want, 1)
+    got = fold_matrix(weight, rows, cols, chunk_bytes=chunk_bytes)
+    assert got.dtype == dtype and got.shape == weight.shape
+    if chunk_bytes > 1 << 20:  # whole blocks: the very same products
+        np.testing.assert_array_equal(got, want.astype(dtype))
+    else:  # accumulated over chunks: float64 sums in another order, then the one rounding
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=np.finfo(dtype).eps * 4, atol=0)
+
+
+def test_fold_matrix_takes_one_basis_and_refuses_a_misfit():
+    rng = np.random.default_rng(2)
+    basis = Basis.monomial(rng.permutation(6), rng.uniform(1, 2, 6))
+    weight = rng.standard_normal((6, 3)).astype(np.float32)
+    np.testing.assert_array_equal(fold_matrix(weight, basis, None), basis.right(weight, 0).astype(np.float32))
+    np.testing.assert_array_equal(fold_matrix(weight, None, Basis.identity(3)), weight)
+    with pytest.raises(ValueError, match="do not fit"):
+        fold_matrix(weight, None, basis)
+
+
+def test_fold_matrix_holds_no_float64_copy_of_the_weight():
+    """Peak allocation of a two-sided dense fold: the result (the weight's dtype) plus a few chunks, far below
+    the two float64 copies (4x the float32 weight) the unchunked products hold."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    n, chunk = 1024, 1 << 20
+    q = lambda: Basis(n, dense=np.linalg.qr(rng.standard_normal((n, n)))[0], orthogonal=True)  # noqa: E731
+    rows, cols = AxisBasis((q(),)), AxisBasis((q(),))
+    weight = rng.standard_normal((n, n)).astype(np.float32)
+    tracemalloc.start()
+    got = fold_matrix(weight, rows, cols, chunk_bytes=chunk)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak <= weight.nbytes + 6 * chunk, f"peak {peak / 2**20:.1f} MiB for a {weight.nbytes / 2**20:.0f} MiB weight"
+    want = cols.right(rows.right(weight, 0), 1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from eecompile.errors import ModelFileError
 from eecompile.passes.graph import ModelGraph, load_checked
-from eecompile.passes.store import ALIGN, ALIGN_ABOVE, INLINE_BYTES, FileValues, TensorStore, load_structure
+from eecompile.passes.store import (ALIGN, ALIGN_ABOVE, INLINE_BYTES, DerivedValues, FileValues, TensorStore,
+                                    load_structure)
 
 
 def _model(path, big: np.ndarray, small: np.ndarray):
@@ -80,3 +81,50 @@ def test_final_tensors_go_to_the_data_file_aligned(tmp_path):
     np.testing.assert_array_equal(large.load(), np.arange(ALIGN_ABOVE // 4, dtype=np.float32).reshape(-1, 64))
     np.testing.assert_array_equal(small.load(), np.arange(INLINE_BYTES // 4, dtype=np.float32) + 0.5)
     assert not isinstance(store.put("tiny", np.ones(3)), FileValues)  # below INLINE_BYTES: memory
+
+
+def _gain_transpose_model(path, rng, shared: bool = False):
+    """x · diag(g) · Transpose(Wt) (and a second MatMul reading the same transposed weight when ``shared``):
+    the rewrites normalize defers for a weight in its file."""
+    d, n = 128, 256  # Wt is 128 KiB: above INLINE_BYTES
+    nodes = [helper.make_node("Mul", ["x", "g"], ["xg"], name="gain"),
+             helper.make_node("Transpose", ["Wt"], ["W"], name="wt"),
+             helper.make_node("MatMul", ["xg", "W"], ["y"], name="proj")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n])]
+    if shared:
+        nodes += [helper.make_node("MatMul", ["x", "W"], ["z"], name="proj2")]
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["B", n]))
+    inits = {"g": rng.uniform(0.5, 2.0, d).astype(np.float32), "Wt": rng.standard_normal((n, d)).astype(np.float32)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", d])], outputs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, inits
+
+
+def test_normalize_defers_the_rewrites_of_a_weight_in_its_file(tmp_path):
+    """The folded transpose and gain are not written anywhere: the constant holds them until a rule reads it,
+    and reading gives exactly the eager rewrite (transposed, the gain product rounded once)."""
+    from eecompile.compiler import _analysed
+
+    path, inits = _gain_transpose_model(tmp_path / "m.onnx", np.random.default_rng(0))
+    store = TensorStore(tmp_path / "scratch.bin")
+    mg, _, normalized = _analysed(path, store)
+    assert normalized.transposes_folded == ["Wt"] and normalized.gains_folded == ["gain"]
+    weight = next(n for n in mg.nodes if n.name == "proj").inputs[1]
+    assert isinstance(weight._values, DerivedValues), "re-imported after shape inference, still deferred"
+    assert [step[0] for step in weight._values.steps] == ["transpose", "scale"]
+    assert not (tmp_path / "scratch.bin").exists() and store.bytes_written == 0
+    eager = (inits["Wt"].T * inits["g"].astype(np.float64)[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(mg.const(weight), eager)
+    assert isinstance(weight._values, DerivedValues), "reading a deferred weight must not keep it in the graph"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_deferred_weight_compiles_exactly(tmp_path, shared):
+    import eecompile
+
+    rng = np.random.default_rng(1)
+    path, _ = _gain_transpose_model(tmp_path / "m.onnx", rng, shared)
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    assert result.verification.checked and result.verification.max_relative_error <= 1e-5
+    assert result.report["exposure"]["intermediates_exposed"] == 0

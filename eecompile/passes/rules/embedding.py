@@ -6,11 +6,10 @@ indices, the table becomes ``E' = P⁻¹ · E · T`` (rows permuted, columns in 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.annotations import Annotation, IndexValues, Protected
-from eecompile.passes.context import AnalysisContext, FoldContext
+from eecompile.passes.context import AnalysisContext, FoldContext, fold_matrix
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
 from eecompile.passes.spaces import BasisClass
@@ -71,11 +70,9 @@ class GatherRule(OpRule):
         y = ctx.get(node.outputs[0])
         if ctx.const_shape(node.inputs[0]) is None or not isinstance(y, Protected):
             return
-        value = ctx.const(node.inputs[0]).astype(np.float64)
         idx = ctx.get(node.inputs[1])
-        if isinstance(idx, IndexValues):
-            value = ctx.basis(idx.ref).dual().right(value, 0)
-        ctx.set_const(node, 0, ctx.axis_basis(y).right(value, 1))
+        rows = ctx.basis(idx.ref).dual() if isinstance(idx, IndexValues) else None
+        ctx.set_const(node, 0, fold_matrix(ctx.const(node.inputs[0]), rows, ctx.axis_basis(y)))
 
 
 register(GatherRule())

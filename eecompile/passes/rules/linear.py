@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.basis import AxisBasis
-from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
+from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis, fold_matrix
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
 from eecompile.passes.spaces import BasisClass
@@ -114,12 +114,9 @@ class MatMulRule(OpRule):
         fold_out = isinstance(y, Protected) and y.head_axis is None and y.axis == ry - 1
         if not fold_in and not fold_out:
             return
-        w = ctx.const(node.inputs[1]).astype("float64")
-        if fold_in:
-            w = ctx.axis_basis(a).dual().right(w, 0)
-        if fold_out:
-            w = ctx.axis_basis(y).right(w, 1)
-        ctx.set_const(node, 1, w)
+        rows = ctx.axis_basis(a).dual() if fold_in else None
+        cols = ctx.axis_basis(y) if fold_out else None
+        ctx.set_const(node, 1, fold_matrix(ctx.const(node.inputs[1]), rows, cols))
 
 
 class GemmRule(OpRule):
@@ -150,16 +147,20 @@ class GemmRule(OpRule):
         if weight is None:
             return
         trans_b = bool(node.attrs.get("transB", 0))
-        w = (weight.T if trans_b else weight).astype("float64")
         a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
-        if isinstance(a, Protected) and a.axis == 1 and a.head_axis is None:
-            w = ctx.axis_basis(a).dual().right(w, 0)
+        k_basis = ctx.axis_basis(a).dual() if isinstance(a, Protected) and a.axis == 1 and a.head_axis is None \
+            else None
+        n_basis = None
         if isinstance(y, Protected):
-            w = ctx.axis_basis(y).right(w, 1)
+            n_basis = ctx.axis_basis(y)
             c = ctx.const(node.inputs[2]) if len(node.inputs) > 2 else None
             if c is not None:
-                ctx.set_const(node, 2, ctx.axis_basis(y).right(c.reshape(c.shape or (1,)), -1))
-        ctx.set_const(node, 1, w.T if trans_b else w)
+                ctx.set_const(node, 2, n_basis.right(c.reshape(c.shape or (1,)), -1))
+        if k_basis is None and n_basis is None:
+            return
+        # the stored weight is [K, N], or [N, K] with transB: each basis folds along its own axis of it
+        rows, cols = (n_basis, k_basis) if trans_b else (k_basis, n_basis)
+        ctx.set_const(node, 1, fold_matrix(weight, rows, cols))
 
 
 class ConvRule(OpRule):
