@@ -62,8 +62,9 @@ class AnalysisContext:
         return None if values is None else [dims.as_int(v) for v in values]
 
     def rank(self, tensor: gs.Tensor) -> int | None:
-        """Rank of a tensor, None when unknown."""
-        return self.mg.rank(tensor)
+        """Rank of a tensor (completed shapes included), None when unknown."""
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
 
     def dim_values(self, tensor: gs.Tensor, depth: int = 0) -> list | None:
         """Element values of a 1-D shape tensor as symbolic dims (sympy; None where unknown).
@@ -334,15 +335,17 @@ FOLD_CHUNK_BYTES = 64 << 20
 
 
 def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBasis | Basis | None,
-                dtype=None, chunk_bytes: int = FOLD_CHUNK_BYTES, out: np.ndarray | None = None) -> np.ndarray:
+                dtype=None, chunk_bytes: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """``R^T · W · C`` for a 2-D weight: ``rows`` contracts axis 0 and ``cols`` axis 1 (as ``rows.right(W, 0)``
     then ``cols.right(·, 1)``), None or the identity leaving that axis alone.
 
     The products are float64, done on chunks of at most ``chunk_bytes`` of output rows (or of output columns,
     when only the rows mix: a wide LM head), a dense row block accumulated over chunks of its input rows, and
     each chunk is rounded straight into one result of ``dtype`` (the weight's by default; ``out`` when given).
-    So a fold holds the weight, its result and a few chunks, never a float64 copy of either.
+    So a fold holds the weight, its result and a few chunks (``chunk_bytes``, default
+    :data:`FOLD_CHUNK_BYTES`), never a float64 copy of either.
     """
+    chunk_bytes = FOLD_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     weight = np.asarray(weight)
     if weight.ndim != 2:
         raise ValueError("fold_matrix folds 2-D weights")

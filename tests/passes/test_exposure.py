@@ -139,3 +139,29 @@ def test_zoo_llama_keeps_no_plaintext_activation_or_cache(zoo, key_a):
     assert (e["state_outputs_compared"], e["state_outputs_exposed"]) == (4, 0)
     assert e["excluded"]["attention"] >= 2 and e["excluded"]["statistics"] >= 2
     assert result.verification.decode_checked
+
+
+def test_the_measure_reads_no_weights_through_onnx(rng, build, tmp_path, monkeypatch):
+    """With weights embedded above the in-place threshold, the measure loads the structure only and ONNX Runtime
+    reads the weights where they are: ``onnx.load``/``onnx.save`` (weights in memory, model copies on disk) are
+    never called, and the counts equal the compile's own measure."""
+    path = build([helper.make_node("MatMul", ["x", "W0"], ["h0"], name="layer0"),
+                  helper.make_node("Relu", ["h0"], ["r"], name="act"),
+                  helper.make_node("MatMul", ["r", "W1"], ["y"], name="layer1")],
+                 [("x", FLOAT, ["B", 128])], [("y", FLOAT, ["B", 128])],
+                 {"W0": _f(rng, 128, 256), "W1": _f(rng, 256, 128)})  # 128 KiB each: referenced in place
+    with unregistered("Relu"):
+        result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
+    expected = result.report["exposure"]
+    assert expected["checked"] and expected["intermediates_exposed"] == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the exposure measure must not load or save a model with its weights")
+
+    for name in ("load", "load_model", "save", "save_model"):
+        monkeypatch.setattr(onnx, name, refuse)
+    feeds = result.verification.feeds[0]
+    client = eecompile.Client.load(tmp_path / "out" / "client")
+    got = measure_exposure(path, tmp_path / "out" / "server" / "model.onnx", feeds, client.encrypt(feeds), tmp_path)
+    assert {k: got[k] for k in ("intermediates_compared", "intermediates_exposed", "matched", "unmatched")} == \
+        {k: expected[k] for k in ("intermediates_compared", "intermediates_exposed", "matched", "unmatched")}
