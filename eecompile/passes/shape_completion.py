@@ -7,6 +7,9 @@ pass walks the graph once in topological order and, for every tensor whose infer
 has unknown dims, derives the dims from its producer: the Reshape target evaluated
 symbolically (``-1`` from the element count), permutations, inserted and removed axes,
 broadcasting, MatMul, Concat. Known inferred dims are kept; only unknown ones are filled.
+Any other op (Conv, pooling, Resize, Pad, GroupNormalization, ... after an op the symbolic
+inference does not know) is inferred node by node by ONNX's own per-op inference
+(:func:`onnx_node_shapes`) on the completed input shapes, with small constant inputs as data.
 The result lives in :attr:`AnalysisContext.shape_overrides`, which every rule reads through
 :meth:`AnalysisContext.shape`.
 """
@@ -14,6 +17,7 @@ The result lives in :attr:`AnalysisContext.shape_overrides`, which every rule re
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from eecompile.passes import dims
@@ -24,9 +28,18 @@ SAME_SHAPE_OPS = frozenset({
     "Relu", "LeakyRelu", "Gelu", "Silu", "HardSigmoid", "HardSwish", "Softplus", "Softmax", "LogSoftmax",
     "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding", "Dropout",
     "Sin", "Cos", "IsNaN", "IsInf", "Not", "Clip", "Elu", "Mish", "Round", "Floor", "Ceil", "Sign",
+    "GroupNormalization", "InstanceNormalization", "BatchNormalization", "LpNormalization", "Selu", "Celu",
+    "ThresholdedRelu", "Softsign", "Shrink", "Trilu",
 })
 BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "Greater", "And", "Or",
                            "Max", "Min", "LessOrEqual", "GreaterOrEqual", "PRelu", "Mod"})
+
+TYPE_CHANGING_OPS = frozenset({
+    "Cast", "CastLike", "Shape", "Size", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And",
+    "Or", "Xor", "IsNaN", "IsInf", "ArgMax", "ArgMin", "NonZero", "ConstantOfShape", "EyeLike", "QuantizeLinear",
+    "DequantizeLinear", "DynamicQuantizeLinear", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+})
+"""Ops whose output element type is not their first data input's (every other op keeps it on output 0)."""
 
 
 def _known(shape: list | None) -> bool:
@@ -189,21 +202,104 @@ def _split_dims(ctx: AnalysisContext, node: gs.Node) -> list[list | None]:
     return [[*first[:axis], size, *first[axis + 1:]] for size in sizes]
 
 
+CONST_DATA_ELEMENTS = 64
+"""Constant inputs up to this size are given to ONNX's per-node inference as data (pads, scales, sizes)."""
+
+
+def _dim_proto(d) -> int | str | None:
+    value = dims.as_int(d)
+    if value is not None:
+        return value
+    e = dims.expr(d)
+    return None if e is None else str(e)
+
+
+def onnx_node_shapes(ctx: AnalysisContext, node: gs.Node,
+                     dtypes: dict[str, np.dtype] | None = None) -> list[list | None] | None:
+    """The node's output dims by ONNX's per-op inference on the (completed) input shapes, or None.
+
+    Symbolic dims travel as ``dim_param`` text (``2*batch``); unknown ones as unnamed dims. Each
+    input needs a known rank and dtype; constant inputs of up to :data:`CONST_DATA_ELEMENTS`
+    elements are passed as data, so Pad's pads and Resize's scales are read. ``dtypes`` holds the
+    element types of tensors inference left without one (filled in here for the outputs).
+    """
+    dtypes = {} if dtypes is None else dtypes
+    domain = node.domain or ""
+    version = ctx.mg.opset_imports.get(domain) if hasattr(ctx.mg, "opset_imports") else None
+    if version is None or not onnx.defs.has(node.op, domain):
+        return None
+    schema = onnx.defs.get_schema(node.op, version, domain)
+    types, data = {}, {}
+    for t in node.inputs:
+        if not t.name:
+            continue
+        shape = ctx.shape(t)
+        dtype = t.dtype if t.dtype is not None else dtypes.get(t.name)
+        if shape is None or dtype is None:
+            return None
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        types[t.name] = onnx.helper.make_tensor_type_proto(elem, [_dim_proto(d) for d in shape])
+        value = ctx.const(t)
+        if value is not None and np.size(value) <= CONST_DATA_ELEMENTS:
+            data[t.name] = onnx.numpy_helper.from_array(np.asarray(value), t.name)
+    attrs = {k: v for k, v in node.attrs.items() if isinstance(v, (int, float, str, bytes, list, tuple))}
+    proto = onnx.helper.make_node(node.op, [t.name for t in node.inputs], [t.name for t in node.outputs],
+                                  domain=domain, **attrs)
+    try:
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, proto, types, data, opset_imports=[onnx.helper.make_opsetid(domain, version)])
+    except Exception:  # noqa: BLE001 - onnx refuses what it cannot infer: nothing derived
+        return None
+    out: list[list | None] = []
+    for t in node.outputs:
+        tp = inferred.get(t.name)
+        if tp is not None and tp.tensor_type.elem_type and t.dtype is None:
+            dtypes[t.name] = onnx.helper.tensor_dtype_to_np_dtype(tp.tensor_type.elem_type)
+        if tp is None or not tp.tensor_type.HasField("shape"):
+            out.append(None)
+            continue
+        out.append([d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim])
+    return out
+
+
 def complete_shapes(ctx: AnalysisContext) -> int:
     """Fill unknown dims of every tensor from its producer; returns how many tensors were completed."""
     completed = 0
+    dtypes: dict[str, np.dtype] = {}  # element types of tensors inference left untyped
     for node in ctx.mg.nodes:
         outputs = [t for t in node.outputs if not _known(ctx.mg.shape(t))]
         if not outputs:
             continue
+        if node.op not in TYPE_CHANGING_OPS and (node.domain or "") in ("", "ai.onnx"):
+            operands = node.inputs[1:] if node.op == "Where" else node.inputs
+            typed = [t.dtype if t.dtype is not None else dtypes.get(t.name) for t in operands if t.name]
+            known = next((d for d in typed if d is not None), None)
+            for t in (node.outputs if node.op == "Split" else node.outputs[:1]):
+                if t.dtype is None and known is not None:
+                    dtypes[t.name] = known
         try:
             derived = _split_dims(ctx, node) if node.op == "Split" else [derive(ctx, node)]
         except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError):
-            continue
+            derived = [None]
+        if all(d is None for d in derived):
+            derived = onnx_node_shapes(ctx, node, dtypes) or derived
         for out, shape in zip(node.outputs, derived):
             inferred = ctx.mg.shape(out)
             merged = _merge(inferred, shape)
             if out in outputs and merged is not None and merged != inferred:
                 ctx.shape_overrides[out.name] = merged
                 completed += 1
+                if inferred is None:
+                    _write_back(out, merged, dtypes.get(out.name))
     return completed
+
+
+def _write_back(tensor: gs.Tensor, shape: list, dtype) -> None:
+    """Give a tensor inference left without a rank its completed shape (and type) in the graph itself,
+    so passes that read the graph (fold, insert) see the rank too; symbolic dims become ``dim_param`` text."""
+    if not isinstance(tensor, gs.Variable) or (tensor.dtype is None and dtype is None):
+        return
+    tensor.shape = [dims.as_int(d) if dims.as_int(d) is not None else (str(dims.expr(d)) if dims.expr(d) is not None
+                                                                       else None) for d in shape]
+    if tensor.dtype is None:
+        tensor.dtype = dtype

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.context import AnalysisContext
 from eecompile.passes.rules import register
@@ -22,6 +23,8 @@ def _head_refs(ctx: AnalysisContext, ann: Annotation, rank: int | None, heads: i
         return None
     if rank == 4 and ann.head_axis == 1 and ann.axis == 3:
         return tuple(ann.refs)
+    if rank == 4 and ann.head_axis is None and ann.axis == 3 and heads == 1 and len(ann.refs) == 1:
+        return tuple(ann.refs)  # one head: [B,1,S,D] with the feature axis flat (an Unsqueeze of [B,S,D])
     if rank == 3 and ann.head_axis is None and ann.axis == 2 and heads:
         size = ctx.axis_size(ann)
         if size % heads:
@@ -42,7 +45,11 @@ class AttentionRule(OpRule):
     def _heads(self, node: gs.Node, ctx: AnalysisContext, index: int) -> tuple[Ref, ...] | None:
         tensor = node.inputs[index]
         attr = "q_num_heads" if index == 0 else "kv_num_heads"
-        return _head_refs(ctx, ctx.get(tensor), ctx.rank(tensor), node.attrs.get(attr))
+        heads = node.attrs.get(attr)
+        shape = ctx.shape(tensor)
+        if heads is None and shape is not None and len(shape) == 4:  # 4-D inputs: the heads are axis 1
+            heads = dims.as_int(shape[1])
+        return _head_refs(ctx, ctx.get(tensor), ctx.rank(tensor), heads)
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
         if index in (4, 5):

@@ -14,6 +14,9 @@ with it (DESIGN §1), on the channel axis:
 * One channel per group (``G = C``) and a plain ``InstanceNormalization`` normalise each channel
   on its own: channels may be permuted and change sign (``ε`` in ``√(σ² + ε)`` rules out other
   scales); the per-channel scale is permuted and the bias expressed in the basis.
+* The ``GroupNormalization`` op (opset 21, as the dynamo exporter writes it at opset 23) is the
+  same normalisation in one node with a per-channel ``scale``/``bias``: each group's block is a
+  permutation (the gain, as in the decomposed pattern), scale and bias permuted at fold time.
 """
 
 from __future__ import annotations
@@ -143,5 +146,46 @@ class GroupNormPattern(Pattern):
         return _GroupNormInstance([before, norm, after], groups, channels)
 
 
+class GroupNormalizationRule(OpRule):
+    """``GroupNormalization(x, scale, bias, num_groups)`` with the channel axis (1) protected."""
+
+    op_types = ("GroupNormalization",)
+
+    def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
+        x = ctx.get(node.inputs[0])
+        y = node.outputs[0]
+        if x is None:
+            ctx.set(y, None)
+            return
+        groups = int(node.attrs.get("num_groups", 0))
+        channels = ctx.axis_size(x) if _channel_axis(ctx, x) else None
+        shapes = [ctx.const_shape(t) for t in node.inputs[1:3]]
+        if channels is None or groups <= 0 or channels % groups or any(s is None for s in shapes):
+            ctx.clear_all(node, "group normalisation with a protected spatial axis, computed scale/bias or "
+                          "channels not divisible into its groups", node.inputs[:1])
+            return
+        if any(int(np.prod(s)) != channels for s in shapes):  # opset 18's per-group pair: refused by onnx.checker
+            ctx.clear_all(node, "group normalisation with a per-group scale (deprecated opset-18 form)",
+                          node.inputs[:1])
+            return
+        width = channels // groups
+        if groups == channels:
+            ctx.restrict(x, BasisClass.SIGNED_PERMUTATION, node, PER_CHANNEL_REASON)
+        else:
+            ctx.spaces.refine(x.refs, [width * (k + 1) for k in range(groups)])
+            ctx.restrict(x, BasisClass.PERMUTATION, node,
+                         f"group normalisation over {groups} groups of {width} channels with a per-channel gain: "
+                         "only permutations inside each group keep its mean, variance and gain (groups stay in "
+                         "place)")
+        ctx.set(y, x)
+
+    def fold(self, node: gs.Node, ctx: FoldContext) -> None:
+        x = ctx.get(node.inputs[0])
+        if not isinstance(x, Protected):
+            return
+        _fold_per_channel(ctx, node, x)
+
+
 register(InstanceNormRule())
+register(GroupNormalizationRule())
 register_pattern(GroupNormPattern())

@@ -176,3 +176,23 @@ def test_attention_op_with_unprotected_keys_clears_queries(rng, build, lint, com
     assert report.protection("inputs", "kin") == "clear"
     assert report.basis("v") == "block-invertible"  # values are independent of the pairing
     compile_exact(path, {"x": _f(rng, 2, 3, D), "kin": _f(rng, 2, 3, HKV * HD)})
+
+
+def test_attention_op_single_head_4d_without_head_attributes(rng, build, lint, compile_exact):
+    """A diffusers VAE's mid-block attention at opset 23: one head, ``[B,S,D] -> [B,S,1,D] -> [B,1,S,D]``
+    4-D inputs and no ``q_num_heads`` (the heads are axis 1): Q/K dual, V carried, nothing cleared."""
+    nodes = [helper.make_node("MatMul", ["x", f"W{t}"], [t], name=f"{t}_proj") for t in "qkv"]
+    for t in "qkv":
+        nodes += [helper.make_node("Reshape", [t, "one_head"], [f"{t}4"], name=f"{t}_view"),
+                  helper.make_node("Transpose", [f"{t}4"], [f"{t}h"], name=f"{t}_t", perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Attention", ["qh", "kh", "vh"], ["att"], name="attention"),
+              helper.make_node("Transpose", ["att"], ["att_t"], name="att_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["att_t", "merge"], ["merged"], name="merge"),
+              helper.make_node("MatMul", ["merged", "Wo"], ["y"], name="o_proj")]
+    inits = {**{f"W{t}": (_f(rng, D, D) / np.sqrt(D)).astype(np.float32) for t in "qkv"}, "Wo": _f(rng, D, D),
+             "one_head": np.array([0, 0, 1, D]), "merge": np.array([0, 0, D])}
+    path = build(nodes, [("x", FLOAT, ["B", "S", D])], [("y", FLOAT, ["B", "S", D])], inits, opset=23)
+    report = lint(path)
+    assert report.basis("q") != "clear" and report.basis("v") != "clear"
+    result = compile_exact(path, {"x": _f(rng, 2, 5, D)})
+    assert result.report["exposure"]["intermediates_exposed"] == 0

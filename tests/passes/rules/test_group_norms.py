@@ -142,3 +142,35 @@ def test_unet_block_export(exporter, rng, torch_export, lint, compile_exact):
     assert not [s for s in report["spaces"] if s["basis"] == "clear"]
     result = compile_exact(path, {"x": _f(rng, 2, 3, 6, 6)})
     assert result.report["exposure"]["intermediates_exposed"] == 0
+
+
+def _group_normalization_op(build, rng, groups: int, per_channel: bool, opset: int):
+    """Conv -> the ``GroupNormalization`` op (opset 21: per-channel scale and bias) -> Conv."""
+    n = C if per_channel else groups
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["h", "s", "t"], ["n"], name="norm", num_groups=groups,
+                              epsilon=1e-5),
+             helper.make_node("Conv", ["n", "W2"], ["y"], name="conv2")]
+    inits = {"W1": _f(rng, C, 3, 3, 3), "b1": _f(rng, C), "s": _f(rng, n), "t": _f(rng, n),
+             "W2": _f(rng, 4, C, 1, 1)}
+    return build(nodes, [("x", FLOAT, ["B", 3, 5, 5])], [("y", FLOAT, ["B", 4, 5, 5])], inits, opset=opset)
+
+
+def test_group_normalization_op_keeps_a_block_per_group(rng, build, lint, compile_exact):
+    """Opset 21's per-channel gain makes each group's block a permutation; scale and bias permuted with it."""
+    basis, per_channel = "permutation", True
+    path = _group_normalization_op(build, rng, G, per_channel, 21)
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] == basis and space["blocks"] == G and "n" in space["tensors"]
+    assert space["limited_by"]["node"] == "norm" and not report["unsupported_ops"]
+    result = compile_exact(path, [{"x": _f(rng, 2, 3, 5, 5)}, {"x": _f(rng, 1, 3, 5, 5) * 3}])
+    assert result.report["exposure"]["intermediates_exposed"] == 0
+    assert not np.allclose(_init(result.server_model, "s"), _init(path, "s"))
+
+
+def test_group_normalization_op_one_channel_per_group(rng, build, lint, compile_exact):
+    path = _group_normalization_op(build, rng, C, True, 21)
+    report = lint(path)
+    assert report.basis("h") == "signed-permutation"
+    compile_exact(path, {"x": _f(rng, 2, 3, 5, 5)})

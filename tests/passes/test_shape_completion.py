@@ -1,0 +1,45 @@
+"""eecompile.passes.shape_completion: shapes inference left unknown, derived from each producer.
+
+After an op whose shape inference gives no shape (``GroupNormalization`` has none in ONNX), the rest
+of the graph is completed: same-shape ops directly, Conv / pooling / Resize by ONNX's per-node inference on
+the completed inputs, with the element types carried along; a tensor that had no rank gets the
+completed shape in the graph itself, so the fold sees it too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from eecompile.passes.context import AnalysisContext
+from eecompile.passes.graph import ModelGraph, load_model
+from eecompile.passes.shape_completion import complete_shapes
+
+FLOAT = TensorProto.FLOAT
+
+
+def _model(build, rng):
+    nodes = [helper.make_node("GroupNormalization", ["x", "s", "t"], ["n"], name="norm", num_groups=2),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W"], ["c"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Resize", ["p", "", "scales"], ["u"], name="up", mode="nearest"),
+             helper.make_node("Relu", ["u"], ["y"], name="out")]
+    inits = {"s": rng.standard_normal(4).astype(np.float32), "t": rng.standard_normal(4).astype(np.float32),
+             "W": rng.standard_normal((6, 4, 3, 3)).astype(np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32)}
+    return build(nodes, [("x", FLOAT, ["B", 4, 8, 8])], [("y", FLOAT, ["B", 6, 4, 4])], inits, opset=21)
+
+
+def test_completes_through_an_op_without_shape_inference(build, rng):
+    mg = ModelGraph(load_model(_model(build, rng)))  # no inference run: every intermediate shape unknown
+    tensors = {t.name: t for n in mg.nodes for t in n.outputs}
+    assert mg.shape(tensors["n"]) is None and tensors["c"].dtype is None
+    ctx = AnalysisContext(mg)
+    assert complete_shapes(ctx) == 5  # n, r, c, p, u (y is a declared graph output)
+    assert ctx.shape(tensors["n"]) == ["B", 4, 8, 8]
+    assert ctx.shape(tensors["c"]) == ["B", 6, 4, 4]  # Conv stride 2, pad 1: ONNX's own inference
+    assert ctx.shape(tensors["p"]) == ["B", 6, 2, 2]
+    assert ctx.shape(tensors["u"])[1:] == [6, 4, 4]  # Resize with constant scales read as data (ONNX drops "B")
+    assert mg.shape(tensors["c"]) == ["B", 6, 4, 4] and tensors["c"].dtype == np.float32  # written back
+    assert ctx.rank(tensors["u"]) == 4
