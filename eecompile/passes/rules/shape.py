@@ -431,7 +431,7 @@ class ConcatRule(OpRule):
             ctx.set(y, Protected(axis, tuple(refs)))
             return
         for t, ann in zip(node.inputs, anns):
-            if ann is None and ctx.const(t) is not None:
+            if ann is None and (ctx.const(t) is not None or _broadcast_constant(t, ctx) is not None):
                 continue
             if not (isinstance(ann, Protected) and ctx.unify(first, ann, node, "concatenated operands share one basis")):
                 for other in anns:
@@ -467,10 +467,27 @@ class ConcatRule(OpRule):
         rank = ctx.mg.rank(node.outputs[0])
         if not isinstance(y, Protected):
             return
+        if y.axis == int(node.attrs.get("axis", 0)) % rank:
+            return
         for index, t in enumerate(node.inputs):
+            if ctx.get(t) is not None:
+                continue
             value = ctx.const(t)
-            if value is not None and ctx.get(t) is None and y.axis != int(node.attrs.get("axis", 0)) % rank:
+            if value is not None:
                 ctx.set_const(node, index, apply_on_axis(ctx, value, y, rank, "right"))
+                continue
+            expand = _broadcast_constant(t, ctx)
+            if expand is not None:  # a class token Expand-ed over the batch: fold the token itself
+                ctx.set_const(expand, 0, apply_on_axis(ctx, ctx.const(expand.inputs[0]), y, rank, "right"))
+
+
+def _broadcast_constant(t: gs.Tensor, ctx) -> gs.Node | None:
+    """The ``Expand`` producing ``t`` from a constant (a class token broadcast to the run-time batch) when ``t``
+    is read by nothing else, so its constant can be folded in place; else None."""
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    if node is None or node.op != "Expand" or len(t.outputs) != 1 or len(node.inputs[0].outputs) != 1:
+        return None
+    return node if ctx.const(node.inputs[0]) is not None else None
 
 
 for _rule in (TransposeRule(), UnsqueezeRule(), SqueezeRule(), ExpandRule(), ReshapeRule(),

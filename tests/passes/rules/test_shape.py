@@ -194,3 +194,22 @@ def test_concat_along_another_axis_shares_one_basis(rng, build, lint, compile_ex
     assert space["name"] == report.space("b")["name"]
     assert space["basis"] == "invertible" and "c" in space["tensors"]
     compile_exact(path, {"x": _f(rng, 3, 4)})  # the constant row is folded: row·T
+
+
+def test_concat_with_a_class_token_expanded_over_the_batch(rng, build, lint, compile_exact):
+    """ViT with a dynamic batch (dynamo): ``Concat(Expand(cls_token, [B, 1, D]), patches)`` along the sequence.
+    The Expand of a constant read only there is folded in the patches' basis instead of clearing them."""
+    nodes = [_mm("x", "W1", "h"),
+             helper.make_node("Shape", ["x"], ["xs"], name="shape", start=0, end=1),
+             helper.make_node("Concat", ["xs", "one_d"], ["target"], name="target", axis=0),
+             helper.make_node("Expand", ["cls", "target"], ["cls_b"], name="expand"),
+             helper.make_node("Concat", ["cls_b", "h"], ["c"], name="cat", axis=1),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), _mm("r", "W2", "y")]
+    path = build(nodes, [("x", FLOAT, ["B", "S", 4])], [("y", FLOAT, ["B", "T", 3])],
+                 {"W1": _f(rng, 4, 6), "W2": _f(rng, 6, 3), "cls": _f(rng, 1, 1, 6),
+                  "one_d": np.array([1, 6], np.int64)})
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] != "clear" and {"c", "r"} <= set(space["tensors"])
+    result = compile_exact(path, [{"x": _f(rng, 2, 3, 4)}, {"x": _f(rng, 1, 5, 4)}])
+    assert result.report["exposure"]["intermediates_exposed"] == 0
