@@ -75,11 +75,40 @@ class UnaryRule(OpRule):
         ctx.set(node.outputs[0], x)
 
 
+MAX_BIND_DEPTH = 4
+"""How many axis-keeping ops a graph input's binding may look through to the op that proposes it."""
+
+
+def bind_through(node: gs.Node, ctx: AnalysisContext, depth: int = 0) -> Annotation:
+    """What the consumers of ``node``'s output would bind it to, for a graph input ``node`` only passes on
+    with its axes unchanged (a float ``Cast``, a spatial ``Pad``): ``pixel_values.to(dtype)`` before the
+    patch Conv, a ``Pad`` before a stride-2 stem. The first consumer proposing a feature annotation wins."""
+    from eecompile.passes.rules import rule_for
+
+    if depth > MAX_BIND_DEPTH or not node.outputs or not ctx.mg.is_float(node.outputs[0]):
+        return None
+    out = node.outputs[0]
+    for consumer in out.outputs:
+        rule = rule_for(consumer)
+        if rule is None:
+            continue
+        index = next(i for i, t in enumerate(consumer.inputs) if t is out)
+        found = rule.bind_input(consumer, index, ctx)
+        if isinstance(found, Protected):
+            return found
+    return None
+
+
 class CastRule(OpRule):
     """Cast between float types keeps the basis; to anything else the values must be clear."""
 
     op_types = ("Cast", "CastLike")
     keeps_index_values = True
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        if index != 0 or not ctx.mg.is_float(node.inputs[0]):
+            return None
+        return bind_through(node, ctx)
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])

@@ -18,10 +18,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes import dims
-from eecompile.passes.annotations import Protected
+from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.context import AnalysisContext
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
+from eecompile.passes.rules.elementwise import bind_through
 from eecompile.passes.rules.shape import take_blocks
 from eecompile.passes.spaces import BasisClass
 
@@ -91,6 +92,18 @@ class PadRule(OpRule):
     """Pad (opset 2+): the fill and the padded axes decide what survives (see module docstring)."""
 
     op_types = ("Pad",)
+
+    def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
+        """A graph input padded before its first op (a stem Conv's ``same`` padding) takes what that op binds,
+        when the proposed axis is not padded."""
+        rank = ctx.rank(node.inputs[0])
+        if index != 0 or rank is None:
+            return None
+        found = bind_through(node, ctx)
+        pads = self._pads(node, ctx, rank)
+        if not isinstance(found, Protected) or pads is None or pads.get(found.axis, (0, 0)) != (0, 0):
+            return None
+        return found
 
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:  # noqa: C901 - one branch per case
         x = ctx.get(node.inputs[0])

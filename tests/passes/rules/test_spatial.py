@@ -127,3 +127,24 @@ def test_pad_with_computed_pads_clears(rng, build, lint, compile_exact):
     report = lint(path)
     assert report.basis("h") == "clear" and report.space("h")["limited_by"]["node"] == "pad"
     compile_exact(path, {"x": _f(rng, 2, 3, 4), "pads": np.array([0, 1, 0, 0, 0, 2], np.int64)})
+
+
+@pytest.mark.parametrize("first", ["pad", "cast", "cast+pad"])
+def test_image_input_padded_or_cast_before_the_stem_is_encrypted(first, rng, build, lint, compile_exact):
+    """``pixel_values`` read first by a spatial Pad (a stride-2 stem's ``same`` padding, legacy MobileNetV2) or a
+    float Cast (CLIP's ``pixel_values.to(dtype)``) takes the basis the stem Conv binds, instead of staying clear."""
+    nodes, src = [], "x"
+    if "cast" in first:
+        nodes.append(helper.make_node("Cast", [src], ["xc"], name="cast", to=TensorProto.FLOAT))
+        src = "xc"
+    if "pad" in first:
+        nodes.append(helper.make_node("Pad", [src, "pads"], ["xp"], name="pad"))
+        src = "xp"
+    nodes += [helper.make_node("Conv", [src, "W1", "b1"], ["h"], name="stem", strides=[2, 2]),
+              helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    path = build(nodes, [("x", FLOAT, ["B", 3, 8, 8])], [("y", FLOAT, ["B", C, "H", "W"])],
+                 {"pads": np.array([0, 0, 0, 1, 0, 0, 1, 1], np.int64), "W1": _f(rng, C, 3, 3, 3), "b1": _f(rng, C)})
+    report = lint(path)
+    assert report.basis("x") == "invertible"
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 8, 8)})
+    assert result.report["exposure"]["intermediates_exposed"] == 0
