@@ -13,7 +13,8 @@ for the run; verification on, as by default) and reads from the compile's ``repo
   Each exposed tensor is also classed here as ``clear-input`` when it depends only on inputs the
   client leaves in clear (a diffusion timestep) and constants — what the server is given anyway;
 * **no rule** — nodes of ops without a rule (``unsupported_ops``), by op type;
-* **clear float inputs** — float graph inputs the client sends in clear, each with why: a scalar per
+* **clear inputs** — content inputs the client sends in clear (token ids never allowed; masks,
+  positions and segment ids are public by design), each with why: a float scalar per
   sample that reaches the model only through a nonlinear function of itself (``Sin``/``Cos`` of a
   diffusion timestep; any basis of a one-element axis is a scale, revealed by the first product
   with the frequency table) is *allowed*; any other clear float input is a failure;
@@ -132,12 +133,21 @@ class ModelFacts:
         return ends > 0
 
 
+METADATA_INPUT = re.compile(r"mask|position|token_type|segment", re.IGNORECASE)
+"""Integer inputs that are public by design (masks, positions, segment ids)."""
+
+
 def clear_float_inputs(report: dict, facts: ModelFacts) -> list[dict[str, Any]]:
-    """Float inputs the client sends in clear, each ``{"name", "allowed", "why"}``."""
+    """Content inputs the client sends in clear, each ``{"name", "allowed", "why"}``: float inputs, and
+    integer ones other than masks / positions / segment ids (token ids left clear are never allowed)."""
     out = []
     protection = {i["name"]: i["protection"] for i in report.get("inputs", [])}
     for name, elem in facts.inputs.items():
-        if elem not in facts.float_types or protection.get(name, "clear") != "clear":
+        if protection.get(name, "clear") != "clear":
+            continue
+        if elem not in facts.float_types:
+            if not METADATA_INPUT.search(name):
+                out.append({"name": name, "allowed": False, "why": f"{name} (integer ids) is left in clear"})
             continue
         shape = facts.input_shapes.get(name, [])
         scalar = len(shape) <= 1
@@ -307,7 +317,7 @@ def cell_status(row: dict[str, Any]) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The markdown table of every row."""
     lines = ["| model | exporter | compile | verified (max rel. err) | exposed | ops without a rule | "
-             "clear float inputs | residual stream | notes |", "|---|---|---|---|---|---|---|---|---|"]
+             "clear inputs | residual stream | notes |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         c = cell_status(row)
         status = c["status"].replace("|", "\\|")[:300]
@@ -322,7 +332,7 @@ def totals(rows: list[dict[str, Any]]) -> str:
     ok = sum(s["ok"] for s in stats)
     na = sum(s["na"] for s in stats)
     return (f"**{ok} of {len(rows) - na} exported cells meet the bar** (compile exit 0, verification run, "
-            f"≤ {EXACT:g}, no secret-dependent tensor exposed, no op without a rule, no clear float input but "
+            f"≤ {EXACT:g}, no secret-dependent tensor exposed, no op without a rule, no clear content input but "
             f"allowed ones); {na} cells not exportable by that exporter.")
 
 
@@ -343,7 +353,8 @@ def results_section(rows: list[dict[str, Any]], meta: dict[str, Any], command: s
              "compile's exposure measure (attention scores and per-token statistics excluded by it): tensors "
              "that depend on a protected input and equal the plaintext run, out of those compared; `+N from clear "
              "inputs` are those computed only from inputs the client sends in clear (the server holds them anyway); "
-             "**ops without a rule** nodes the analysis clears; **clear float inputs** (`†` = allowed, see below); "
+             "**ops without a rule** nodes the analysis clears; **clear inputs** content inputs sent in clear (ids never "
+             "allowed; masks and positions are public; `†` = allowed, see below); "
              "**residual stream** the weakest class over the spaces of the residual Adds' inputs (norm inputs where "
              "there is no residual Add), with the op binding it when weaker than invertible.", ""]
     if clear_why:

@@ -13,6 +13,9 @@ equal initializers, and norm gains become non-trivial).  Each model is exported 
   checkpoint is rebuilt there from the same tiny config and ``model.safetensors``.  optimum exports
   diffusers models only as whole pipelines, so the two diffusers cells record that instead.
 
+CLIP text uses the current config convention (``eos_token_id`` = the last id, pooled by
+``input_ids == eos``); a config with ``eos_token_id == 2`` selects transformers' legacy pooling,
+``argmax`` over the ids, which no permutation of the vocabulary but the identity keeps exact.
 The torch exports have a dynamic batch (and sequence, for text); text models are always given an
 attention mask (transformers 5.x models otherwise fail the legacy exporter on ``aten::diff``).
 Attention is ``sdpa`` where it exports, else ``eager`` (recorded as the export's note; Swin and T5
@@ -132,8 +135,8 @@ SPECS: dict[str, Spec] = {
     "clip_text": Spec("clip_text", {"model_type": "clip_text_model", "hidden_size": HIDDEN,
                                     "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
                                     "intermediate_size": INTERMEDIATE, "vocab_size": VOCAB,
-                                    "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 1,
-                                    "eos_token_id": 2},
+                                    "max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 98,
+                                    "eos_token_id": 99},
                       _TEXT_INPUTS, ("last_hidden_state", "pooler_output"), _TEXT_DTYPES, text=True),
     "clip_vision": Spec("clip_vision", {"model_type": "clip_vision_model", **_VIT_LIKE},
                         _IMAGE, ("last_hidden_state", "pooler_output")),

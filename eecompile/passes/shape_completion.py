@@ -16,6 +16,8 @@ The result lives in :attr:`AnalysisContext.shape_overrides`, which every rule re
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -42,8 +44,17 @@ TYPE_CHANGING_OPS = frozenset({
 """Ops whose output element type is not their first data input's (every other op keeps it on output 0)."""
 
 
+OPAQUE_SYMBOL = re.compile(r"_o\d+__d\d+$")
+"""Dims ONNX Runtime's symbolic inference names after the op that made them (``Flatten_185_o0__d1``): they
+relate to nothing, so a dim derived from the producer replaces them."""
+
+
+def _dim_known(d) -> bool:
+    return dims.expr(d) is not None and not (isinstance(d, str) and OPAQUE_SYMBOL.search(d))
+
+
 def _known(shape: list | None) -> bool:
-    return shape is not None and all(dims.expr(d) is not None for d in shape)
+    return shape is not None and all(_dim_known(d) for d in shape)
 
 
 def _merge(inferred: list | None, derived: list | None) -> list | None:
@@ -52,7 +63,7 @@ def _merge(inferred: list | None, derived: list | None) -> list | None:
         return inferred
     if inferred is None or len(inferred) != len(derived):
         return derived if inferred is None else inferred
-    return [d if dims.expr(d) is not None else e for d, e in zip(inferred, derived)]
+    return [d if _dim_known(d) or dims.expr(e) is None else e for d, e in zip(inferred, derived)]
 
 
 def _broadcast(shapes: list[list]) -> list | None:
@@ -144,6 +155,15 @@ def derive(ctx: AnalysisContext, node: gs.Node) -> list | None:  # noqa: C901 - 
         return [*batch, first[-2], second[-1]]
     if op == "Slice":
         return _slice_dims(ctx, node, first)
+    if op == "Flatten":
+        axis = int(node.attrs.get("axis", 1)) % (len(first) + 1)
+        return [dims.product(first[:axis]) if axis else 1, dims.product(first[axis:])]
+    if op == "Gather" and len(ins) > 1:
+        index = ctx.shape(ins[1])
+        if index is None:
+            return None
+        axis = int(node.attrs.get("axis", 0)) % len(first)
+        return [*first[:axis], *index, *first[axis + 1:]]
     if op == "Attention" and len(ins) > 2:  # opset 23: Y keeps Q's layout with V's head size
         v = ctx.shape(ins[2])
         if v is None or len(first) != len(v):

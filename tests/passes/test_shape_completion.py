@@ -43,3 +43,25 @@ def test_completes_through_an_op_without_shape_inference(build, rng):
     assert ctx.shape(tensors["u"])[1:] == [6, 4, 4]  # Resize with constant scales read as data (ONNX drops "B")
     assert mg.shape(tensors["c"]) == ["B", 6, 4, 4] and tensors["c"].dtype == np.float32  # written back
     assert ctx.rank(tensors["u"]) == 4
+
+
+def test_dims_named_after_their_op_are_replaced(build, rng):
+    """ONNX Runtime names dims it cannot relate ``Flatten_7_o0__d0``: Flatten and Gather re-derive them
+    (a legacy CLIP text pooling: ``Flatten`` the states, ``Gather`` one row per sequence)."""
+    import onnx
+
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="Flatten_7", axis=2),
+             helper.make_node("Gather", ["f", "rows"], ["g"], name="pick", axis=0),
+             helper.make_node("Relu", ["g"], ["y"], name="out")]
+    path = build(nodes, [("x", FLOAT, ["B", "S", 4]), ("rows", TensorProto.INT64, ["B"])],
+                 [("y", FLOAT, ["B", 4])], {})
+    model = onnx.load(str(path))
+    model.graph.value_info.extend([
+        helper.make_tensor_value_info("f", FLOAT, ["Flatten_7_o0__d0", "Flatten_7_o0__d1"]),
+        helper.make_tensor_value_info("g", FLOAT, ["B", "Flatten_7_o0__d1"])])
+    mg = ModelGraph(model)
+    tensors = {t.name: t for n in mg.nodes for t in n.outputs}
+    ctx = AnalysisContext(mg)
+    complete_shapes(ctx)
+    assert [str(d) for d in ctx.shape(tensors["f"])] == ["B*S", "4"]
+    assert [str(d) for d in ctx.shape(tensors["g"])] == ["B", "4"]

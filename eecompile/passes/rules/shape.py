@@ -227,8 +227,11 @@ class ReshapeRule(OpRule):
         if not isinstance(x, Protected) or din is None:
             ctx.clear_all(node, "reshape of a tensor with unknown shape", node.inputs[:1])
             return
-        if node.op == "Flatten":
-            dout = ctx.shape(y) or [None, None]
+        if node.op == "Flatten":  # [prod(din[:axis]), prod(din[axis:])], whatever names inference gave them
+            axis = int(node.attrs.get("axis", 1)) % (len(din) + 1) if din else 1
+            dout = [dims.product(list(din[:axis])) if axis else 1, dims.product(list(din[axis:]))]
+            inferred = ctx.shape(y) or [None, None]
+            dout = [d if d is not None else i for d, i in zip(dout, inferred)]
         else:
             dout = _target_shape(node, ctx, din)
         result = reshape_annotation(ctx, x, din, dout) if dout is not None else False
