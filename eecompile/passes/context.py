@@ -11,7 +11,7 @@ from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, IndexValues, Protected, Squares
 from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.graph import ModelGraph
-from eecompile.passes.precision import numpy_dtype, store_as
+from eecompile.passes.precision import BFLOAT16, numpy_dtype, store_as
 from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable
 
 
@@ -380,7 +380,7 @@ def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBa
                     target *= scale[c0:c1, None]
         if cols is not None:
             chunk = cols.right(chunk, 1)
-        out[start:stop] = chunk
+        out[start:stop] = chunk if out.dtype != BFLOAT16 else store_as(chunk, BFLOAT16)  # one rounding
     return out
 
 
