@@ -155,6 +155,20 @@ def derive(ctx: AnalysisContext, node: gs.Node) -> list | None:  # noqa: C901 - 
         return [*batch, first[-2], second[-1]]
     if op == "Slice":
         return _slice_dims(ctx, node, first)
+    if op == "Pad" and "pads" not in node.attrs and len(ins) > 1:  # input dims + pads (known ones)
+        from eecompile.passes.rules.spatial import partial_array
+
+        pads = partial_array(ctx, ins[1])
+        axes = ctx.const(ins[3]) if len(ins) > 3 and ins[3].name else None
+        axes = list(range(len(first))) if axes is None else [int(a) % len(first) for a in np.atleast_1d(axes)]
+        if pads is None or pads.ndim != 1 or len(pads) != 2 * len(axes):
+            return None
+        out = list(first)
+        for i, a in enumerate(axes):
+            lo, hi = pads[i], pads[i + len(axes)]
+            e = dims.expr(first[a])
+            out[a] = None if lo is None or hi is None or e is None else e + int(lo) + int(hi)
+        return out
     if op == "Flatten":
         axis = int(node.attrs.get("axis", 1)) % (len(first) + 1)
         return [dims.product(first[:axis]) if axis else 1, dims.product(first[axis:])]

@@ -42,6 +42,55 @@ def _listed_axes(node: gs.Node, ctx: AnalysisContext, rank: int, index: int) -> 
     return None if value is None else [int(a) % rank for a in np.atleast_1d(value)]
 
 
+MAX_PARTIAL_DEPTH = 24
+
+
+def partial_array(ctx: AnalysisContext, tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+    """A small integer tensor's elements where they are known (an object array, ``None`` where computed).
+
+    Follows what torch's legacy ``F.pad`` lowering writes for run-time pads — Concat of constants and
+    shape values, ``ConstantOfShape``, Reshape, Slice with any step (the reversed pad pairs), Transpose,
+    Cast, Unsqueeze/Squeeze — so the pads of the axes that are constant are read even when those of the
+    spatial axes depend on the run-time image size. Elsewhere a 1-D tensor's values come from
+    :meth:`AnalysisContext.partial_values`; otherwise None.
+    """
+    value = ctx.const(tensor)
+    if value is not None:
+        return np.asarray(value).astype(object) if np.asarray(value).dtype.kind in "iub" else None
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if node is None or depth > MAX_PARTIAL_DEPTH:
+        return None
+    sub = [partial_array(ctx, t, depth + 1) if t.name else None for t in node.inputs]
+    try:
+        if node.op in ("Cast", "Identity") and sub[0] is not None:
+            return sub[0]
+        if node.op == "Concat" and all(x is not None for x in sub):
+            return np.concatenate(sub, axis=int(node.attrs.get("axis", 0)))
+        if node.op == "ConstantOfShape" and sub[0] is not None:
+            shape = [int(d) for d in sub[0]] if all(d is not None for d in sub[0]) else None
+            fill = node.attrs.get("value")
+            fill = 0 if fill is None else int(np.asarray(fill.values if hasattr(fill, "values") else fill).reshape(-1)[0])
+            return None if shape is None else np.full(shape, fill, dtype=object)
+        if node.op == "Reshape" and sub[0] is not None and sub[1] is not None and None not in list(sub[1]):
+            return sub[0].reshape([int(d) for d in sub[1]])
+        if node.op == "Transpose" and sub[0] is not None:
+            return np.transpose(sub[0], node.attrs.get("perm"))
+        if node.op == "Slice" and sub[0] is not None and all(x is not None for x in sub[1:3]):
+            rank = sub[0].ndim
+            axes = sub[3] if len(sub) > 3 and sub[3] is not None else range(len(sub[1]))
+            steps = sub[4] if len(sub) > 4 and sub[4] is not None else [1] * len(sub[1])
+            index = [slice(None)] * rank
+            for a, lo, hi, st in zip(axes, sub[1], sub[2], steps):
+                if None in (a, lo, hi, st):
+                    return None
+                index[int(a) % rank] = slice(int(lo), int(hi), int(st))
+            return sub[0][tuple(index)]
+    except (ValueError, TypeError, IndexError):
+        return None
+    values = ctx.partial_values(tensor)
+    return None if values is None else np.array(values, dtype=object)
+
+
 class ResizeRule(OpRule):
     """Resize (opset 10+): any basis on an axis that is not resized."""
 
@@ -161,7 +210,8 @@ class PadRule(OpRule):
             values: list | None = [int(v) for v in node.attrs["pads"]]
             axes: list[int] | None = list(range(rank))
         else:
-            values = ctx.partial_values(node.inputs[1])
+            found = partial_array(ctx, node.inputs[1])
+            values = None if found is None or found.ndim != 1 else [None if v is None else int(v) for v in found]
             axes = _listed_axes(node, ctx, rank, 3)
         if values is None or axes is None or len(values) != 2 * len(axes):
             return None

@@ -148,3 +148,39 @@ def test_image_input_padded_or_cast_before_the_stem_is_encrypted(first, rng, bui
     assert report.basis("x") == "invertible"
     result = compile_exact(path, {"x": _f(rng, 2, 3, 8, 8)})
     assert result.report["exposure"]["intermediates_exposed"] == 0
+
+
+def test_pad_with_run_time_spatial_pads_keeps_the_channel_basis(rng, build, lint, compile_exact):
+    """Swin (optimum) pads ``[B, H, W, C]`` up to whole windows with pads computed from the run-time width,
+    written by torch's legacy ``F.pad`` lowering (pairs reversed with a step -1 Slice, transposed, flattened).
+    The channel pads are constant zeros, so the channel basis survives; the padded width is derived too."""
+    i64 = TensorProto.INT64
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="proj"),
+             helper.make_node("Shape", ["h"], ["hs"], name="shape"),
+             helper.make_node("Gather", ["hs", "two"], ["w"], name="width", axis=0),
+             helper.make_node("Mod", ["w", "four"], ["wm"], name="wmod"),
+             helper.make_node("Sub", ["four", "wm"], ["ws"], name="wsub"),
+             helper.make_node("Mod", ["ws", "four"], ["padw"], name="padw"),
+             helper.make_node("Unsqueeze", ["padw", "zero"], ["padw1"], name="unsq"),
+             helper.make_node("Concat", ["c3", "padw1", "c2"], ["torch_pads"], name="cat_pads", axis=0),
+             helper.make_node("ConstantOfShape", ["two1"], ["zeros"], name="zeros",
+                              value=helper.make_tensor("v", i64, [1], [0])),
+             helper.make_node("Concat", ["torch_pads", "zeros"], ["all_pads"], name="cat_all", axis=0),
+             helper.make_node("Reshape", ["all_pads", "pairs"], ["p2"], name="pairs"),
+             helper.make_node("Slice", ["p2", "s_start", "s_end", "zero", "s_step"], ["rev"], name="reverse"),
+             helper.make_node("Transpose", ["rev"], ["revt"], name="t", perm=[1, 0]),
+             helper.make_node("Reshape", ["revt", "flat"], ["pads"], name="flat"),
+             helper.make_node("Pad", ["h", "pads"], ["m"], name="pad", mode="constant"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="out")]
+    inits = {"W1": _f(rng, 4, 6), "W2": _f(rng, 6, 3), "two": np.array(2, np.int64), "four": np.array(4, np.int64),
+             "zero": np.array([0], np.int64), "c3": np.zeros(3, np.int64), "c2": np.zeros(2, np.int64),
+             "two1": np.array([2], np.int64), "pairs": np.array([-1, 2], np.int64),
+             "s_start": np.array([-1], np.int64), "s_end": np.array([-(2 ** 62)], np.int64),
+             "s_step": np.array([-1], np.int64), "flat": np.array([-1], np.int64)}
+    path = build(nodes, [("x", FLOAT, ["B", 3, "W", 4])], [("y", FLOAT, ["B", 3, "V", 3])], inits)
+    report = lint(path)
+    space = report.space("h")
+    assert space["basis"] != "clear" and {"m", "r"} <= set(space["tensors"])
+    result = compile_exact(path, [{"x": _f(rng, 2, 3, 5, 4)}, {"x": _f(rng, 1, 3, 8, 4)}])
+    assert result.report["exposure"]["intermediates_exposed"] == 0
