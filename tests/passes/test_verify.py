@@ -546,3 +546,46 @@ def test_bfloat16_model_compiles_and_verifies_widened(tmp_path, rng):
     server = onnx.load(str(tmp_path / "out" / "server" / "model.onnx"))
     assert {t.data_type for t in server.graph.initializer if t.name.startswith(("w", "b", "g", "beta"))} == {BF16}
     assert {v.type.tensor_type.elem_type for v in [*server.graph.input, *server.graph.output]} == {BF16}
+
+
+def _vit_stem(tmp_path, patch: int = 8, grid: int = 4, cls: bool = True):
+    """A ViT-style stem with a fully dynamic image input: patch Conv, flatten, (class token), + position table."""
+    rng = np.random.default_rng(0)
+    d = 6
+    rows = grid * grid + (1 if cls else 0)
+    nodes = [helper.make_node("Conv", ["pixel_values", "W"], ["p"], strides=[patch, patch]),
+             helper.make_node("Reshape", ["p", "to3"], ["f"]),
+             helper.make_node("Transpose", ["f"], ["t"], perm=[0, 2, 1])]
+    src = "t"
+    if cls:
+        nodes.append(helper.make_node("Concat", ["cls", "t"], ["c"], axis=1))
+        src = "c"
+    nodes.append(helper.make_node("Add", [src, "pos"], ["y"]))
+    inits = [numpy_helper.from_array(rng.standard_normal((d, 3, patch, patch)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([1, d, -1], np.int64), "to3"),
+             numpy_helper.from_array(rng.standard_normal((1, 1, d)).astype(np.float32), "cls"),
+             numpy_helper.from_array(rng.standard_normal((1, rows, d)).astype(np.float32), "pos")]
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info(
+        "pixel_values", TensorProto.FLOAT, [1, "num_channels", "height", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "stem.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("cls", [True, False])
+def test_image_size_derived_from_the_stem_and_the_position_table(tmp_path, cls):
+    """optimum's ViT has a dynamic image size; the default role values (3×3) cannot run it. The channels come
+    from the patch Conv's weight, the size from its stride × the grid of the position table (with or without a
+    class token), and that assignment is tried first."""
+    from eecompile.passes.verify import _inputs, structural_shapes, symbol_roles
+
+    path = _vit_stem(tmp_path, cls=cls)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    roles = symbol_roles(_inputs(sess))
+    fixed, spatial = structural_shapes(path, _inputs(sess), roles)
+    assert fixed == {"num_channels": 3}
+    assert spatial[0] == {"height": 32, "width": 32}
+    first = candidate_assignments(sess, fixed, spatial=spatial)[0]
+    assert first["height"] == first["width"] == 32
+    sess.run(None, feeds_for(sess, first, 0))  # the original runs on it
