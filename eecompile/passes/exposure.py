@@ -24,9 +24,10 @@ design:
 * shapes, integer tensors and tensors derived only from masks and positions.
 
 Memory: one model is loaded and run at a time (its session, which holds its weights, is released
-before the next is built); the plaintext values are parked on disk in the staging folder and compared
-one tensor at a time. Models above :data:`MAX_MODEL_BYTES`
-(weights included) are not measured; the result says so.
+before the next is built; a large model runs in segments, :mod:`eecompile.passes.segments`, one segment's
+weights at a time); the plaintext values are parked on disk in the staging folder and compared
+one tensor at a time. Models above :data:`MAX_MODEL_BYTES` (weights included) are not measured; the result
+says so.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import numpy as np
 import onnx
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-MAX_MODEL_BYTES = 1 << 30
-"""Largest model (protobuf + external data) whose exposure is measured."""
+MAX_MODEL_BYTES = 1 << 40
+"""Largest model (protobuf + external data) whose exposure is measured (large ones run in segments, so memory
+holds one segment's weights; the limit is for callers that want to skip the time)."""
 RTOL, ATOL = 1e-5, 1e-6  # atol is relative to the tensor's max |value|
 METADATA_INPUT = re.compile(r"mask|position|cache_position|token_type|segment", re.IGNORECASE)
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
@@ -168,16 +170,22 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return model
 
 
-def _session(model: onnx.ModelProto, folder: Path):
-    """A session of ``model`` (structure only) reading its weights in place from the files in ``folder``."""
+def _session(model: onnx.ModelProto, folder: Path, names: list[str]):
+    """A session of ``model`` (structure only) reading its weights in place from the files in ``folder``.
+
+    A model above :data:`~eecompile.passes.segments.PIECEWISE_BYTES` of weights runs in segments (one
+    segment's weights in memory at a time; every intermediate can still be fetched)."""
     import onnxruntime as ort
 
+    from eecompile.passes import segments
     from eecompile.passes.store import in_place_session
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph says
     options.log_severity_level = 4
-    return in_place_session(model, folder, options)
+    if segments.piecewise(model):  # cut where the model's own graph says (before fetches are added)
+        return segments.SegmentedSession(model, folder, options)
+    return in_place_session(_with_outputs(model, names), folder, options)
 
 
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -240,7 +248,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
             names.append(o)
     state = [s for s in state_outputs if s in graph.outputs]
     where = {o: (graph.producer[o].name, graph.producer[o].op_type) for o in [*names, *state] if o in graph.producer}
-    session = _session(_with_outputs(model, names), original.parent)
+    session = _session(model, original.parent, names)
     del model, graph
     fetch = [*names, *state]
     values = session.run(fetch, plain_feeds)
@@ -259,7 +267,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     server_tensors = {o for n in model.graph.node for o in n.output if o} | {o.name for o in model.graph.output}
     matched = [n for n in kept if n in server_tensors]
     unmatched = len([n for n in kept if n not in server_tensors])
-    session = _session(_with_outputs(model, matched), server.parent)
+    session = _session(model, server.parent, matched)
     del model
     got = session.run(matched, encrypted_feeds)
     del session

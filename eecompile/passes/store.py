@@ -374,9 +374,14 @@ def in_place_session(model: onnx.ModelProto, folder: str | Path, options=None):
     options = options or ort.SessionOptions()
     # Prepacking would copy every MatMul weight into a packed layout (a second copy of the model, and the
     # time to make it); without it ONNX Runtime maps aligned weight files and multiplies from them directly.
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                     str(Path(folder).resolve()))
+    for key, value in (("session.disable_prepacking", "1"),
+                       ("session.model_external_initializers_file_folder_path", str(Path(folder).resolve()))):
+        try:
+            same = options.get_session_config_entry(key) == value
+        except Exception:  # noqa: BLE001 - ONNX Runtime raises when the entry is not set
+            same = False
+        if not same:  # options reused for another session (a model run in segments) keep their entries
+            options.add_session_config_entry(key, value)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
