@@ -140,12 +140,13 @@ def _args(values: list[onnx.ValueInfoProto]) -> list[_Arg]:
 
 
 def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+    """A segment input typed as ``array`` with symbolic dims of its rank (other feed sets may differ in size)."""
     from eecompile.passes.precision import BFLOAT16
 
     array = np.asarray(array)
     elem = (onnx.TensorProto.BFLOAT16 if array.dtype == BFLOAT16
             else onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-    return onnx.helper.make_tensor_value_info(name, elem, list(array.shape))
+    return onnx.helper.make_tensor_value_info(name, elem, [f"{name}_d{i}" for i in range(array.ndim)])
 
 
 class SegmentedSession:
@@ -204,27 +205,46 @@ class SegmentedSession:
 
     def run(self, names, feeds: dict, run_options=None) -> list:
         """Values of ``names`` (graph outputs or any intermediate tensor; None: every output) on ``feeds``."""
+        return self.run_many(names, [feeds], run_options)[0]
+
+    def run_many(self, names, feeds_list: list[dict], run_options=None) -> list[list]:
+        """:meth:`run` on each of ``feeds_list``, building each segment's session once for all of them.
+
+        Every feed set must give the segment's inputs the same types; shapes may differ only where the
+        first feed set's segment accepts them (each segment's inputs are typed from the first set, their
+        dims left symbolic).
+        """
         from eecompile.passes.store import in_place_session, release_memory
 
         names = list(names or [o.name for o in self._outputs])
         wanted_all = set(names)
-        values = dict(feeds)
+        runs = [dict(f) for f in feeds_list]
+        given = [set(f) for f in feeds_list]
         graph_outputs = {o.name for o in self._outputs}
         for start, stop in self.ranges:
             made = [o for node in self.model.graph.node[start:stop] for o in node.output if o]
             wanted = [o for o in dict.fromkeys(made)
                       if o in wanted_all or o in graph_outputs or self._last.get(o, -1) >= stop]
-            if not wanted:
+            if not wanted or not runs:
                 continue
-            session = in_place_session(self._segment(start, stop, values, wanted), self.folder, self.options)
-            got = session.run(wanted, {i.name: values[i.name] for i in session.get_inputs()}, run_options)
+            session = in_place_session(self._segment(start, stop, runs[0], wanted), self.folder, self.options)
+            inputs = [i.name for i in session.get_inputs()]
+            for values, fed in zip(runs, given):
+                got = session.run(wanted, {n: values[n] for n in inputs}, run_options)
+                values.update(zip(wanted, got))
+                for name in [k for k in values if k not in fed and k not in wanted_all
+                             and k not in graph_outputs and self._last.get(k, -1) < stop]:
+                    del values[name]  # read by no later segment
             del session
             release_memory()
-            values.update(zip(wanted, got))
-            for name in [k for k in values if k not in feeds and k not in wanted_all
-                         and k not in graph_outputs and self._last.get(k, -1) < stop]:
-                del values[name]  # read by no later segment
-        return [values[n] for n in names]
+        return [[values[n] for n in names] for values in runs]
+
+
+def run_all(session, names, feeds_list: list[dict]) -> list[list]:
+    """``session.run(names, f)`` for each feed set; a :class:`SegmentedSession` builds each segment once."""
+    if isinstance(session, SegmentedSession):
+        return session.run_many(names, feeds_list)
+    return [session.run(names, f) for f in feeds_list]
 
 
 def piecewise(model: onnx.ModelProto) -> bool:

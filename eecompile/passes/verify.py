@@ -535,7 +535,9 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     full = verification_client(client, state)
     has_state = bool(client.state_inputs)
     names = [o.name for o in ref.get_outputs()]
-    probed = None  # (feeds, outputs) of the shape probe that succeeded: the first run, not repeated
+    from eecompile.passes.segments import run_all
+
+    expected_list = None  # the original's outputs per plan, computed by the probe that succeeded
     if feeds_list:
         plans = [(dict(f), symbols_of(ref, f)) for f in feeds_list]
         if has_state and full is None and any(np.size(f[n]) for f in feeds_list for n in client.state_inputs
@@ -549,31 +551,28 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         shapes = {**derived, **config_shapes(original, roles), **(shapes or {})}
         candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state, spatial=spatial)
         for symbols in candidates:
-            feeds = feeds_for(ref, symbols, seeds[0], index_sizes)
-            try:
-                probed = (feeds, dict(zip(names, ref.run(names, feeds))))  # the first run's outputs, kept
+            tried = [(feeds_for(ref, symbols, s, index_sizes), symbols) for s in seeds]
+            try:  # every seed at once (a model run in segments builds each segment once for all)
+                expected_list = [dict(zip(names, o)) for o in run_all(ref, names, [f for f, _ in tried])]
             except Exception as exc:  # the original does not take these shapes: try the next assignment
                 error = error or f"{_shape_text(symbols)}: {_first_line(exc)}"
                 continue
-            plans = [(feeds if i == 0 else feeds_for(ref, symbols, s, index_sizes), symbols)
-                     for i, s in enumerate(seeds)]
+            plans = tried
             break
         if plans is None:
             return VerifyResult(False, None, f"skipped: the original model runs on none of "
                                              f"{len(candidates)} generated input shapes "
                                              f"(first failure with {error})")
-    runs = []  # per input: (feeds, expected outputs, the decode step or why it was not run)
-    for feeds, symbols in plans:
+    if expected_list is None:
         try:
-            if probed is not None and probed[0] is feeds:
-                expected = probed[1]
-            else:
-                expected = dict(zip(names, ref.run(names, feeds)))
+            expected_list = [dict(zip(names, o)) for o in run_all(ref, names, [f for f, _ in plans])]
         except Exception as exc:
             return VerifyResult(False, None, f"skipped: the original model does not run on the given inputs "
                                              f"({_first_line(exc)})")
-        step = _plain_step(ref, client, feeds, symbols, expected, names, index_sizes) if has_state else None
-        runs.append((feeds, expected, step))
+    steps = ([_plain_step(ref, client, feeds, symbols, expected, index_sizes)
+              for (feeds, symbols), expected in zip(plans, expected_list)] if has_state else [None] * len(plans))
+    _run_plain_steps(ref, names, steps)
+    runs = [(feeds, expected, step) for (feeds, _), expected, step in zip(plans, expected_list, steps)]
     del ref
     release_memory()  # the original's weights leave memory before the compiled model's arrive
     try:
@@ -581,13 +580,14 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
     worst, decoded, notes, measured = 0.0, False, [], set()
-    for feeds, expected, step in runs:
-        got = _run_encrypted(enc, names, (full or client).encrypt(feeds))
+    gots = _run_encrypted(enc, names, [(full or client).encrypt(feeds) for feeds, _, _ in runs])
+    for (feeds, expected, step), got in zip(runs, gots):
         worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tol, "prefill", measured))
         if isinstance(step, str):
             notes.append(step)
-        elif step is not None:
-            worst, decoded = max(worst, _encrypted_step(enc, client, full, step, got, names, tol, measured)), True
+    stepped = [(step, got) for (_, _, step), got in zip(runs, gots) if step is not None and not isinstance(step, str)]
+    if stepped:
+        worst, decoded = max(worst, _encrypted_steps(enc, client, full, stepped, names, tol, measured)), True
     del enc
     release_memory()
     unmeasured = [n for n in names if n not in measured and (full is not None or n not in client.state_outputs)]
@@ -663,9 +663,12 @@ def _shape_text(symbols: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in symbols.items()) or "static shapes"
 
 
-def _run_encrypted(enc, names, feeds) -> dict[str, np.ndarray]:
+def _run_encrypted(enc, names, feeds_list: list[dict]) -> list[dict[str, np.ndarray]]:
+    """The compiled model's outputs on each of ``feeds_list`` (a failure is the compiled model's)."""
+    from eecompile.passes.segments import run_all
+
     try:
-        return dict(zip(names, enc.run(names, feeds)))
+        return [dict(zip(names, o)) for o in run_all(enc, names, feeds_list)]
     except Exception as exc:
         raise VerificationError(f"the compiled model fails on inputs the original accepts "
                                 f"({_first_line(exc)})") from None
@@ -696,10 +699,11 @@ def _compare(expected, decrypted, client, full, tolerance: Tolerance, step: str,
     return worst
 
 
-def _plain_step(ref, client, feeds, symbols, expected, names, index_sizes):
+def _plain_step(ref, client, feeds, symbols, expected, index_sizes):
     """The original's decode step: ``present*`` fed back as ``past*`` with one new token.
 
-    Returns ``(step feeds, cache pairs, expected outputs)``, or why the step was not run.
+    Returns ``[step feeds, cache pairs, original's feeds]`` (:func:`_run_plain_steps` appends its outputs),
+    or why the step cannot be run.
     """
     pairs = state_pairs(client.state_inputs, client.state_outputs)
     if not pairs or len(pairs) != len(client.state_inputs):
@@ -717,17 +721,38 @@ def _plain_step(ref, client, feeds, symbols, expected, names, index_sizes):
     if new is None:
         return "no decode-step shapes fit the cache"
     step = feeds_for(ref, new, 99, index_sizes)
-    plain = {**step, **{past: expected[present] for past, present in pairs}}
+    return [step, pairs, {**step, **{past: expected[present] for past, present in pairs}}]
+
+
+def _run_plain_steps(ref, names, steps: list) -> None:
+    """Run the original's decode steps (all at once; one by one when that fails, to say which cannot run):
+    each step becomes ``(step feeds, cache pairs, expected outputs)``, or why it was not run."""
+    from eecompile.passes.segments import run_all
+
+    todo = [i for i, s in enumerate(steps) if isinstance(s, list)]
+    if not todo:
+        return
     try:
-        expected2 = dict(zip(names, ref.run(names, plain)))
-    except Exception as exc:
-        return f"the original does not take its own cache back ({_first_line(exc)})"
-    return step, pairs, expected2
+        outs = run_all(ref, names, [steps[i][2] for i in todo])
+    except Exception:  # noqa: BLE001 - find which one fails
+        outs = []
+        for i in todo:
+            try:
+                outs.append(ref.run(names, steps[i][2]))
+            except Exception as exc:
+                outs.append(f"the original does not take its own cache back ({_first_line(exc)})")
+    for i, out in zip(todo, outs):
+        steps[i] = out if isinstance(out, str) else (steps[i][0], steps[i][1], dict(zip(names, out)))
 
 
-def _encrypted_step(enc, client, full, step, got, names, tolerance: Tolerance, measured: set[str] | None = None) -> float:
-    """The compiled model's decode step on its own (encrypted) cache, compared with the original's."""
-    feeds, pairs, expected2 = step
-    cipher = {**client.encrypt(feeds), **{past: got[present] for past, present in pairs}}
-    got2 = _run_encrypted(enc, names, cipher)
-    return _compare(expected2, (full or client).decrypt(got2), client, full, tolerance, "decode step", measured)
+def _encrypted_steps(enc, client, full, stepped, names, tolerance: Tolerance, measured: set[str] | None = None) -> float:
+    """The compiled model's decode steps on its own (encrypted) caches, compared with the original's.
+
+    ``stepped``: ``((step feeds, cache pairs, expected outputs), prefill outputs)`` per input."""
+    ciphers = [{**client.encrypt(feeds), **{past: got[present] for past, present in pairs}}
+               for (feeds, pairs, _), got in stepped]
+    worst = 0.0
+    for ((_, _, expected2), _), got2 in zip(stepped, _run_encrypted(enc, names, ciphers)):
+        worst = max(worst, _compare(expected2, (full or client).decrypt(got2), client, full, tolerance,
+                                    "decode step", measured))
+    return worst

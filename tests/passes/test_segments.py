@@ -109,3 +109,26 @@ def test_compile_verifies_and_measures_exposure_in_segments_with_a_decode_step(t
     assert runs and all(n >= 3 for n in runs)  # the compiled model has its own weights (more nodes)
     exposure = result.report["exposure"]
     assert exposure["checked"] and exposure["matched"] > 0, exposure["detail"]
+
+
+def test_run_many_builds_each_segment_once_and_equals_single_runs(tmp_path, monkeypatch):
+    """Feed sets of different sequence lengths through one build of each segment, each equal to its own run."""
+    path = _decoder(tmp_path / "m.onnx", np.random.default_rng(4))
+    pieces = SegmentedSession(load_structure(path), tmp_path, None, 3 * _layer_bytes())
+    rng = np.random.default_rng(5)
+    sets = [{"x": rng.standard_normal((2, t, D)).astype(np.float32),
+             "past_key": rng.standard_normal((2, p, D)).astype(np.float32)} for t, p in ((4, 2), (1, 6))]
+    single = [pieces.run(["y", "present_key"], f) for f in sets]
+    built = []
+    real = segments.SegmentedSession._segment
+
+    def counting(self, *args):
+        built.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(segments.SegmentedSession, "_segment", counting)
+    many = segments.run_all(pieces, ["y", "present_key"], sets)
+    assert len(built) == len(pieces.ranges) == 3
+    assert many[1][1].shape == (2, 7, D)
+    for a, b in zip(single, many):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
