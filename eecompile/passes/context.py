@@ -379,9 +379,35 @@ def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBa
                 if scale is not None:
                     target *= scale[c0:c1, None]
         if cols is not None:
-            chunk = cols.right(chunk, 1)
+            chunk = _cols_product(cols, chunk)
         out[start:stop] = chunk if out.dtype != BFLOAT16 else store_as(chunk, BFLOAT16)  # one rounding
     return out
+
+
+def _cols_product(cols: AxisBasis, chunk: np.ndarray) -> np.ndarray:
+    """``chunk @ blockdiag(cols)`` (float64) into a new array, the blocks written in place: a run of equal-size
+    dense blocks (attention heads) as one batched product over strided views, a large block as one product,
+    monomial blocks as a gather and a scale; no slice copies and no concatenation."""
+    result = np.empty(chunk.shape, np.float64)
+    rows = chunk.shape[0]
+    blocks, offset, i = list(cols.blocks), 0, 0
+    while i < len(blocks):
+        block = blocks[i]
+        j = i + 1
+        if block.dense is not None:
+            while j < len(blocks) and blocks[j].dense is not None and blocks[j].size == block.size:
+                j += 1
+        width = block.size * (j - i)
+        if j - i > 1:
+            shape = (rows, j - i, block.size)
+            source = chunk[:, offset:offset + width].reshape(shape).transpose(1, 0, 2)
+            target = result[:, offset:offset + width].reshape(shape).transpose(1, 0, 2)
+            dense_product(source, np.stack([b.dense for b in blocks[i:j]]), target)
+        else:
+            block_right(block, chunk[:, offset:offset + width], 1, result[:, offset:offset + width])
+        offset += width
+        i = j
+    return result
 
 
 def _row_chunks(rows: AxisBasis | None, n_rows: int, step: int):
