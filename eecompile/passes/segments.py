@@ -231,7 +231,10 @@ class SegmentedSession:
             inputs = [i.name for i in session.get_inputs()]
             for values, fed in zip(runs, given):
                 got = session.run(wanted, {n: values[n] for n in inputs}, run_options)
-                values.update(zip(wanted, got))
+                # copies: an array ONNX Runtime returns can keep its session's memory (the segment's weights,
+                # where they were copied into its arena) alive after the session is released
+                values.update((name, np.array(value, copy=True)) for name, value in zip(wanted, got))
+                del got
                 for name in [k for k in values if k not in fed and k not in wanted_all
                              and k not in graph_outputs and self._last.get(k, -1) < stop]:
                     del values[name]  # read by no later segment
