@@ -328,7 +328,8 @@ def write_results(rows: list[dict]) -> None:
                      f"{r['rss_bound_gib']:.2f} GiB | "
                      f"{verified} | {latency} |")
     lines += ["", "Compile proper: the wall time less the verify and exposure phases (which run ONNX Runtime sessions, "
-                  "each holding one model's weights); its peak RSS is that of the phases analyse, plan, fold, emit.", "",
+                  "one model at a time, a model above 64 MiB of weights in segments, one segment's weights at a time); "
+                  "its peak RSS is that of the phases analyse, plan, fold, emit.", "",
               "Per phase (seconds / peak RSS GiB of that phase):", ""]
     for r in rows:
         lines.append(f"- {r['point']}: " + ", ".join(f"{k} {v['s']:.1f} s / {v['peak_rss_gib']:.2f}"
