@@ -34,7 +34,7 @@ from eecompile.passes.rebase import analyze_with_policy
 from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
                                      verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
-from eecompile.passes.store import ALIGN, INLINE_BYTES, FileValues, TensorStore, release_memory
+from eecompile.passes.store import ALIGN, INLINE_BYTES, FileValues, TensorStore, model_bytes, release_memory
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
@@ -310,15 +310,16 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         store = TensorStore(scratch)
         with _phase("analyse"):
             mg, analysis, normalized = _analysed(model_path, store, options)
+        size = model_bytes(model_path)  # what the plan's and the fold's scratch scale with (read once it loaded)
         with _phase("plan"):
             bases = plan(analysis, key)
-            release_memory()  # the samplers' scratch (QR factors) goes back to the system
+            release_memory(size)  # the samplers' scratch (QR factors) goes back to the system
         boundary = insert(analysis, bases)
         state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
         store.open_final(new / "server" / DATA_FILE, DATA_FILE)  # folded weights are final: written once, there
         with _phase("fold"):
             fold(analysis, bases, progress)
-            release_memory()
+            release_memory(size)
         _record_context(mg, model_path)
         staging.fault_point("emit")
         with _phase("emit"):

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from eecompile.passes.store import model_bytes
+
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 1 << 40
 """Largest model (protobuf + external data) whose exposure is measured (large ones run in segments, so memory
@@ -52,24 +54,6 @@ NORMS_WITH_STATS = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipL
                     "SkipSimplifiedLayerNormalization", "RMSNormalization"}
 CONTRACTIONS = {"MatMul", "Einsum", "Gemm", "FusedMatMul"}
 SHAPE_SOURCES = {"Shape", "Size", "ConstantOfShape", "EyeLike", "RandomNormalLike", "RandomUniformLike"}
-
-
-def model_bytes(path: str | Path) -> int:
-    """Size of an ONNX file plus the external data files it references (the structure is read, not the weights)."""
-    from eecompile.passes.store import load_structure
-
-    path = Path(path)
-    total = path.stat().st_size
-    model = load_structure(path)
-    seen = {path.name}  # weights embedded in the file are referenced into the file itself
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in init.external_data if e.key == "location"), None)
-            if location and location not in seen:
-                seen.add(location)
-                file = path.parent / location
-                total += file.stat().st_size if file.exists() else 0
-    return total
 
 
 def not_measured(detail: str) -> dict:
@@ -212,19 +196,21 @@ def measure_exposure(original: str | Path, server: str | Path, plain_feeds: dict
     """
     clear = clear or (lambda name: True)
     original, server, work = Path(original), Path(server), Path(work_dir) / "exposure"
+    sizes = {}
     for label, path in (("original", original), ("server", server)):
-        size = model_bytes(path)
+        size = sizes[label] = model_bytes(path)
         if size > max_bytes:
             return not_measured(f"skipped: the {label} model is {size / 2**20:.0f} MiB, above the "
                                 f"{max_bytes / 2**20:.0f} MiB limit of the exposure measurement")
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _measure(original, server, plain_feeds, encrypted_feeds, work, clear, list(state_outputs))
+        return _measure(original, server, plain_feeds, encrypted_feeds, work, clear, list(state_outputs), sizes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: Path, clear, state_outputs) -> dict:
+def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: Path, clear, state_outputs,
+             sizes: dict[str, int]) -> dict:
     from eecompile.passes.store import load_structure, release_memory
 
     model = load_structure(original)  # the graph; the weights stay in their files
@@ -253,7 +239,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     fetch = [*names, *state]
     values = session.run(fetch, plain_feeds)
     del session
-    release_memory()
+    release_memory(sizes["original"])
     kept = []
     for name, value in zip(fetch, values):
         value = np.asarray(value)
@@ -271,7 +257,7 @@ def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: P
     del model
     got = session.run(matched, encrypted_feeds)
     del session
-    release_memory()
+    release_memory(sizes["server"])
 
     exposed, compared, excluded, uninformative = [], 0, {}, 0
     state_compared = state_exposed = 0

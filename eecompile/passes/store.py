@@ -385,17 +385,41 @@ def in_place_session(model: onnx.ModelProto, folder: str | Path, options=None):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def release_memory() -> None:
+def model_bytes(path: str | Path) -> int:
+    """Size of an ONNX file plus the external data files it references (the structure is read, not the weights)."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = load_structure(path)
+    seen = {path.name}  # weights embedded in the file are referenced into the file itself
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location and location not in seen:
+                seen.add(location)
+                file = path.parent / location
+                total += file.stat().st_size if file.exists() else 0
+    return total
+
+
+RELEASE_MIN_BYTES = 32 << 20
+"""Below this many released bytes :func:`release_memory` does nothing: a full garbage collection costs
+0.1–0.5 s in a process with many objects (most of a small model's compile), and what it would return is small."""
+
+
+def release_memory(released: int | None = None) -> None:
     """Hand memory freed by a released session (or a folded weight) back to the system.
 
     glibc's allocator keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in its heap, so
     the weights of a released ONNX Runtime session stay resident and add to the next session's; a
-    ``malloc_trim`` returns them. A no-op where the C library has none.
+    ``malloc_trim`` returns them. A no-op where the C library has none, and when ``released`` (the bytes
+    the caller just let go, such as a model's weights) is below :data:`RELEASE_MIN_BYTES`.
     """
     import ctypes
     import ctypes.util
     import gc
 
+    if released is not None and released < RELEASE_MIN_BYTES:
+        return
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -36,7 +36,7 @@ from eecompile.errors import EECompileError
 from eecompile.passes.graph import InvalidModel, Validity, check_model
 from eecompile.passes.precision import (BFLOAT16, Tolerance, WidenedSession, has_bfloat16, verification_tolerance,
                                         widen_bfloat16)
-from eecompile.passes.store import release_memory
+from eecompile.passes.store import model_bytes, release_memory
 
 PRIVATE_DOMAIN = "ai.eecompile"
 DEFAULT_TOLERANCE = 1e-4
@@ -574,7 +574,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     _run_plain_steps(ref, names, steps)
     runs = [(feeds, expected, step) for (feeds, _), expected, step in zip(plans, expected_list, steps)]
     del ref
-    release_memory()  # the original's weights leave memory before the compiled model's arrive
+    release_memory(model_bytes(original))  # the original's weights leave memory before the compiled model's arrive
     try:
         enc, _ = _verification_session(server)
     except Exception as exc:  # ORT raises its own exception types
@@ -589,7 +589,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     if stepped:
         worst, decoded = max(worst, _encrypted_steps(enc, client, full, stepped, names, tol, measured)), True
     del enc
-    release_memory()
+    release_memory(model_bytes(server))
     unmeasured = [n for n in names if n not in measured and (full is not None or n not in client.state_outputs)]
     if not measured:
         return VerifyResult(False, None, f"skipped: the original computes NaN or infinity in every element of every "
