@@ -128,3 +128,31 @@ def test_a_deferred_weight_compiles_exactly(tmp_path, shared):
     result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out")
     assert result.verification.checked and result.verification.max_relative_error <= 1e-5
     assert result.report["exposure"]["intermediates_exposed"] == 0
+
+
+def test_release_memory_collects_only_for_large_releases(monkeypatch):
+    """Small releases skip the (slow) full garbage collection; large ones and unsized calls run it."""
+    import gc
+
+    from eecompile.passes import store
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
+    store.release_memory(1 << 20)
+    assert calls == []
+    store.release_memory(store.RELEASE_MIN_BYTES)
+    store.release_memory()
+    assert len(calls) == 2
+
+
+def test_model_bytes_counts_external_data_once(tmp_path):
+    """``model_bytes`` is the file plus each external data file it references, counted once."""
+    from eecompile.passes.store import model_bytes
+
+    big, small = np.ones((64, 32), np.float32), np.ones(32, np.float32)
+    model = onnx.load(_model(tmp_path / "m.onnx", big, small))
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    expected = (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
+    assert model_bytes(tmp_path / "m.onnx") == expected
+    assert (tmp_path / "m.data").stat().st_size >= big.nbytes + small.nbytes
