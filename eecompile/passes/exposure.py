@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from eecompile.passes.store import model_bytes
+from eecompile.passes.store import in_place_session, load_structure, model_bytes, release_memory
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 MAX_MODEL_BYTES = 1 << 40
@@ -162,7 +162,6 @@ def _session(model: onnx.ModelProto, folder: Path, names: list[str]):
     import onnxruntime as ort
 
     from eecompile.passes import segments
-    from eecompile.passes.store import in_place_session
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph says
@@ -211,8 +210,6 @@ def measure_exposure(original: str | Path, server: str | Path, plain_feeds: dict
 
 def _measure(original: Path, server: Path, plain_feeds, encrypted_feeds, work: Path, clear, state_outputs,
              sizes: dict[str, int]) -> dict:
-    from eecompile.passes.store import load_structure, release_memory
-
     model = load_structure(original)  # the graph; the weights stay in their files
     try:
         model = onnx.shape_inference.infer_shapes(model)
