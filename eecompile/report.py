@@ -198,6 +198,9 @@ def build_report(analysis: Analysis, normalized: NormalizeResult, model_name: st
     if normalized.transposes_folded:
         policies.append("constant transposes folded into new initializers (a tied embedding/LM head is untied: "
                         f"{', '.join(normalized.transposes_folded)})")
+    if normalized.parts_selected:
+        policies.append(f"fused projections reshaped into (parts, heads) at once have each part selected before its "
+                        f"head split ({len(normalized.parts_selected)} reshapes), so each part's heads are followed")
     if normalized.clones:
         policies.append(f"{normalized.clones} shared initializer uses cloned so each can be folded on its own")
     policies.extend(quantized_weight_policies(analysis.mg, analysis.ctx))

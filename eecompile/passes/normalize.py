@@ -8,6 +8,8 @@
 * SliceGPT-style gain folding: a per-coordinate gain (a norm's scale, a Mul by a constant
   vector) whose every consumer is a linear layer is multiplied into those weights and
   replaced by ones, so the normalised space may take an orthogonal basis.
+* A fused projection reshaped into parts and heads at once (``[.., N] -> [.., P, H, d]``) and then
+  selected along the parts has each part selected first (:mod:`eecompile.passes.part_selects`).
 * Initializers with several consumers are cloned, so each can be folded on its own.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.part_selects import select_parts_first
 from eecompile.passes.rules import SHAPE_ONLY_OPS
 from eecompile.passes.store import DerivedValues, FileValues, derived, shared_values
 
@@ -38,6 +41,8 @@ class NormalizeResult:
     transposes_folded: list[str] = field(default_factory=list)
     gains_folded: list[str] = field(default_factory=list)
     clones: int = 0
+    parts_selected: list[str] = field(default_factory=list)
+    """Reshapes into (parts, heads, ..) whose part selections now come first (:mod:`~eecompile.passes.part_selects`)."""
 
 
 def normalize(mg: ModelGraph) -> NormalizeResult:
@@ -48,6 +53,7 @@ def normalize(mg: ModelGraph) -> NormalizeResult:
     _fold_constant_transposes(mg, result)
     mg.refresh()
     _fold_static_shapes(mg)
+    result.parts_selected = select_parts_first(mg)
     _fold_gains(mg, result)
     _clone_shared(mg, result)
     mg.refresh()

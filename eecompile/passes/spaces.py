@@ -393,6 +393,7 @@ class SpaceTable:
     def refine(self, refs: tuple[Ref, ...], cuts: list[int]) -> tuple[Ref, ...]:
         """Split blocks of a flat axis (``refs`` in order) so each cut offset is a block boundary."""
         refs = self.expand(refs)
+        cuts = [int(c) for c in cuts]  # sizes stay Python ints whatever the caller computed them with
         out: list[Ref] = []
         offset = 0
         for ref in refs:

@@ -286,6 +286,15 @@ def test_refine_cuts_blocks_at_offsets():
     assert [t.size(r) for r in t.refine((c,), [2, 4, 6, 8])] == [2, 2, 2, 2]
 
 
+def test_refine_with_numpy_cuts_keeps_python_int_sizes():
+    """Cuts a rule computed with numpy (``np.cumsum`` of a Split's sizes) give blocks whose sizes the
+    report can write as JSON."""
+    t = SpaceTable()
+    a = t.new("a", 6)
+    blocks = t.refine((a,), list(np.cumsum(np.array([2, 4]))))
+    assert [type(t.size(r)) for r in blocks] == [int, int] and t.child_sizes(a) == (2, 4)
+
+
 def test_link_permutation_restricts_to_monomial_and_shares_the_perm_root():
     t = SpaceTable()
     a, b, other = t.new("a", 4), t.new("b", 4), t.new("other", 4)

@@ -92,6 +92,25 @@ def _producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
 
+def _value_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor ``tensor`` copies: followed back through Identity and Casts to the type it already has."""
+    while tensor.inputs:
+        node = tensor.inputs[0]
+        source = node.inputs[0] if node.inputs else None
+        if source is None or not (node.op == "Identity" or (
+                node.op == "Cast" and source.dtype is not None and tensor.dtype is not None
+                and np.dtype(source.dtype) == np.dtype(tensor.dtype))):
+            break
+        tensor = source
+    return tensor
+
+
+def same_value(a: gs.Tensor, b: gs.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values: one tensor, or copies of one (legacy exports cast
+    ``x.float()`` of a float tensor, once per use)."""
+    return a is b or _value_source(a) is _value_source(b)
+
+
 def _only_consumer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.outputs[0] if len(tensor.outputs) == 1 and tensor not in () else None
 
@@ -156,17 +175,15 @@ class RotateHalfPattern(Pattern):
         d = shape[-1]
         rank = len(shape)
         params = []
-        for s in (s1, s2):
-            vals = [ctx.const(t) if len(s.inputs) > i and s.inputs[i].name else None for i, t in
-                    enumerate(s.inputs[:5]) if i > 0]
-            vals += [None] * (4 - len(vals))
-            starts, ends, axes, steps = vals
-            if starts is None or ends is None or starts.size != 1:
+        for s in (s1, s2):  # bounds may be run-time shape arithmetic (x.shape[-1] // 2): read as dim values
+            starts, ends, axes, steps = (ctx.partial_values(s.inputs[i]) if len(s.inputs) > i and s.inputs[i].name
+                                         else None for i in range(1, 5))
+            if starts is None or ends is None or len(starts) != 1 or len(ends) != 1 or None in starts + ends:
                 return None
-            axis = int(axes.reshape(-1)[0]) % rank if axes is not None else 0
-            if axis != rank - 1 or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+            axis = axes[0] % rank if axes is not None and len(axes) == 1 and axes[0] is not None else 0
+            if axis != rank - 1 or (steps is not None and steps != [1]):
                 return None
-            params.append((int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), d)))
+            params.append((starts[0], min(ends[0], d)))
         if params[0] != (0, d // 2) or params[1] != (d // 2, d):
             return None
         return x, [s1, s2]
@@ -192,9 +209,12 @@ class RotateHalfPattern(Pattern):
             return None
         other = add.inputs[1] if add.inputs[0] is m2.outputs[0] else add.inputs[0]
         m1 = _producer(other)
-        if m1 is None or m1.op != "Mul" or x not in m1.inputs or len(other.outputs) != 1:
+        if m1 is None or m1.op != "Mul" or len(m1.inputs) != 2 or len(other.outputs) != 1:
             return None
-        cos = m1.inputs[1] if m1.inputs[0] is x else m1.inputs[0]
+        same = [same_value(t, x) for t in m1.inputs]
+        if not any(same):
+            return None
+        cos = m1.inputs[1] if same[0] else m1.inputs[0]
         inner_ok = all(len(t.outputs) == 1 for s in slicers for t in s.outputs) and len(neg.outputs[0].outputs) == 1
         if not inner_ok:
             return None

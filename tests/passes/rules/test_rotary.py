@@ -273,3 +273,34 @@ def test_contrib_rotary_embedding_not_followed_clears(attrs, reason, rng, build,
     assert report.basis("q") == "clear" and report.basis("k") == "clear"
     assert report.space("q")["limited_by"]["reason"] == reason
     compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
+
+
+def _rotate_half_legacy(x, out, cos, sin, p):
+    """rotate_half as the TorchScript exporter writes ModernBERT's: ``x.float()`` cast once per use (a Cast to
+    the type x has) and the half width computed at run time from ``x.shape[-1] // 2``."""
+    return [helper.make_node("Cast", [x], [f"{p}xf"], name=f"{p}cast", to=FLOAT),
+            helper.make_node("Mul", [f"{p}xf", cos], [f"{p}x_cos"], name=f"{p}mul_cos"),
+            helper.make_node("Cast", [f"{p}xf"], [f"{p}xf2"], name=f"{p}cast2", to=FLOAT),
+            helper.make_node("Shape", [f"{p}xf2"], [f"{p}shape"], name=f"{p}shape"),
+            helper.make_node("Gather", [f"{p}shape", "three"], [f"{p}width"], name=f"{p}width", axis=0),
+            helper.make_node("Div", [f"{p}width", "two"], [f"{p}half0"], name=f"{p}half_div"),
+            helper.make_node("Unsqueeze", [f"{p}half0", "zero"], [f"{p}half"], name=f"{p}half_unsqueeze"),
+            helper.make_node("Slice", [f"{p}xf2", "zero", f"{p}half", "last"], [f"{p}x1"], name=f"{p}slice1"),
+            helper.make_node("Slice", [f"{p}xf2", f"{p}half", "big", "last"], [f"{p}x2"], name=f"{p}slice2"),
+            helper.make_node("Neg", [f"{p}x2"], [f"{p}neg_x2"], name=f"{p}neg"),
+            helper.make_node("Concat", [f"{p}neg_x2", f"{p}x1"], [f"{p}rot"], name=f"{p}concat", axis=-1),
+            helper.make_node("Mul", [f"{p}rot", sin], [f"{p}rot_sin"], name=f"{p}mul_sin"),
+            helper.make_node("Add", [f"{p}x_cos", f"{p}rot_sin"], [out], name=f"{p}add")]
+
+
+def test_decomposed_rotate_half_through_casts_and_runtime_bounds(rng, build, lint, compile_exact):
+    rope, extra = _decomposed(rng, "computed")
+    rope = [n for n in rope if not n.name.startswith(("q_", "k_"))]
+    rope += _rotate_half_legacy("qh", "qr", "cos4", "sin4", "q_") + _rotate_half_legacy("kh", "kr", "cos4", "sin4", "k_")
+    extra.update(three=np.array(3), two=np.array(2))
+    nodes, inits = _attention(rng, rope, extra)
+    path = build(nodes, [("x", FLOAT, ["B", "S", D]), ("position_ids", INT64, ["B", "S"])],
+                 [("y", FLOAT, ["B", "S", D])], inits)
+    report = lint(path)
+    _assert_complex_pairs(path, report)
+    compile_exact(path, {"x": _f(rng, 2, 3, D), "position_ids": _positions(rng)})
