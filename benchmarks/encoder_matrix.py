@@ -19,7 +19,8 @@ for the run; verification on, as by default) and reads from the compile's ``repo
   diffusion timestep; any basis of a one-element axis is a scale, revealed by the first product
   with the frequency table) is *allowed*; any other clear float input is a failure;
 * **residual** — the residual stream's class: the weakest basis class over the spaces of the
-  inputs of the residual ``Add`` nodes (both operands computed, both protected by some space), or,
+  inputs of the residual ``Add`` nodes (a tensor plus something computed from it — not, say, rotary's
+  ``x·cos + rotate_half(x)·sin`` — both operands protected by some space), or,
   without such an Add, of the inputs of the normalisation ops.
 
 Each cell runs in its own subprocess with a timeout.  Writes ``benchmarks/results/encoder_matrix.json``
@@ -106,6 +107,29 @@ class ModelFacts:
         every = {o for n in self.nodes for o in n.output if o}
         return every - tainted
 
+    def ancestors(self, name: str) -> set[str]:
+        """Every tensor ``name`` is computed from (not through shapes), ``name`` excluded."""
+        if not hasattr(self, "_producer"):
+            self._producer = {o: n for n in self.nodes for o in n.output if o}
+        seen: set[str] = set()
+        frontier = [name]
+        while frontier:
+            node = self._producer.get(frontier.pop())
+            if node is None or node.op_type in ("Shape", "Size"):
+                continue
+            for x in node.input:
+                if x and x not in seen:
+                    seen.add(x)
+                    frontier.append(x)
+        return seen
+
+    def is_skip_add(self, node: Any) -> bool:
+        """Whether ``node`` is a residual connection: an Add of a tensor and something computed from it."""
+        if node.op_type != "Add" or len(node.input) != 2:
+            return False
+        a, b = node.input
+        return a in self.ancestors(b) or b in self.ancestors(a)
+
     def enters_through_sin_cos(self, name: str) -> bool:
         """Whether input ``name`` reaches every non-trivial consumer through ``Sin``/``Cos`` of itself.
 
@@ -172,7 +196,8 @@ def residual_class(report: dict, facts: ModelFacts) -> dict[str, Any]:
     for n in facts.nodes:
         if n.op_type == "Add" and len(n.input) == 2:
             a, b = n.input
-            if a not in facts.constants and b not in facts.constants and a in space_of and b in space_of:
+            if (a not in facts.constants and b not in facts.constants and a in space_of and b in space_of
+                    and facts.is_skip_add(n)):
                 tensors.update((a, b))
     source = "residual Add inputs"
     if not tensors:
@@ -355,7 +380,7 @@ def results_section(rows: list[dict[str, Any]], meta: dict[str, Any], command: s
              "inputs` are those computed only from inputs the client sends in clear (the server holds them anyway); "
              "**ops without a rule** nodes the analysis clears; **clear inputs** content inputs sent in clear (ids never "
              "allowed; masks and positions are public; `†` = allowed, see below); "
-             "**residual stream** the weakest class over the spaces of the residual Adds' inputs (norm inputs where "
+             "**residual stream** the weakest class over the spaces of the residual (skip-connection) Adds' inputs (norm inputs where "
              "there is no residual Add), with the op binding it when weaker than invertible.", ""]
     if clear_why:
         lines += [f"† {clear_why}.", ""]

@@ -11,7 +11,8 @@ without a rule, and no float input left clear except a diffusion timestep enteri
 The default run covers one model per rule family added for these models: InstanceNormalization /
 GroupNorm and Resize (a diffusers UNet, legacy), Pad and depthwise Conv (MobileNetV2, legacy),
 GatherND (CLIP text pooling, dynamo), comparisons of ids against constants, CumSum and
-GatherElements (RoBERTa's position ids, dynamo). The rest of the matrix is ``slow``; cells with a
+GatherElements (RoBERTa's position ids, dynamo), a fused QKV selected by parts after its head split and
+rotate_half through casts (ModernBERT, legacy). The rest of the matrix is ``slow``; cells with a
 known gap are ``xfail(strict=True)`` with the measured reason.
 """
 
@@ -30,15 +31,12 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 DEFAULT_CELLS = [("unet2d", "legacy17"), ("mobilenet_v2", "legacy17"), ("clip_text", "dynamo20"),
-                 ("roberta", "dynamo20")]
+                 ("roberta", "dynamo20"), ("modernbert", "legacy17")]
 """One model per new rule family (see the module docstring); about a minute together on 2 cores."""
 
 KNOWN_GAPS: dict[tuple[str, str], str] = {
     **{("deberta_v2", e): "relative-position scores Q·pos_keyᵀ contract Q with a key projection of the constant "
                           "relative embeddings tiled over the run-time batch: clear, so Q and K are cleared"
-       for e in he.EXPORTERS},
-    **{("modernbert", e): "fused Wqkv reshaped [B,S,3·h·d] -> [B,S,3,h,d]: the Reshape rule cannot follow a "
-                          "parts × heads split, so Q/K/V are cleared"
        for e in he.EXPORTERS},
     **{("swin", e): "the pooler's AdaptiveAvgPool1d lowers to torch's as_strided (Reshape [B,C,1,1] -> [B·C], "
                     "Gather of computed flat indices): the Reshape merges the feature axis into the batch and clears "

@@ -41,6 +41,17 @@ def _select(style: str) -> tuple[list, dict]:
     return nodes, inits
 
 
+def _transposed_split() -> tuple[list, dict]:
+    """``qkv.transpose(3, 1).unbind(2)`` as optimum exports ModernBERT: [B, S, 3, H, HD] -> [B, H, 3, S, HD], Split
+    along the parts, Squeeze; a Transpose back to [B, S, H, HD] so the rest of the graph is shared."""
+    nodes = [helper.make_node("Transpose", ["parts"], ["parts_t"], name="parts_transpose", perm=[0, 3, 2, 1, 4]),
+             helper.make_node("Split", ["parts_t", "ones"], ["q5", "k5", "v5"], name="split", axis=2)]
+    for t in "qkv":
+        nodes += [helper.make_node("Squeeze", [f"{t}5", "axis2"], [f"{t}_bhsd"], name=f"{t}_squeeze"),
+                  helper.make_node("Transpose", [f"{t}_bhsd"], [f"{t}4"], name=f"{t}_back", perm=[0, 2, 1, 3])]
+    return nodes, {"ones": np.array([1, 1, 1]), "axis2": np.array([2])}
+
+
 def _fused_attention(rng, style: str, dynamic_target: bool):
     """x @ Wqkv reshaped to [B, S, 3, H, HD] (target constant, or built from Shape(x) as dynamo does), parts
     selected by ``style``, then softmax(q·kᵀ)·v per head and the output projection."""
@@ -53,7 +64,7 @@ def _fused_attention(rng, style: str, dynamic_target: bool):
     else:
         inits["target"] = np.array([0, 0, 3, H, HD])
     nodes.append(helper.make_node("Reshape", ["qkv", "target"], ["parts"], name="split_parts"))
-    selects, more = _select(style)
+    selects, more = _transposed_split() if style == "transposed" else _select(style)
     nodes += selects
     inits.update(more)
     nodes += [helper.make_node("Transpose", [f"{t}4"], [f"{t}h"], name=f"{t}_transpose", perm=[0, 2, 1, 3])
@@ -69,7 +80,8 @@ def _fused_attention(rng, style: str, dynamic_target: bool):
 
 
 @pytest.mark.parametrize("style,dynamic_target", [("slice", True), ("slice", False), ("split", False),
-                                                   ("split", True), ("gather", False)])
+                                                   ("split", True), ("gather", False),
+                                                   ("transposed", False)])
 def test_fused_qkv_parts_are_selected_first_and_protected(style, dynamic_target, rng, build, lint,
                                                           compile_exact):
     nodes, inits = _fused_attention(rng, style, dynamic_target)
@@ -97,3 +109,16 @@ def test_selection_not_along_the_parts_is_left_alone(rng, build, lint, compile_e
     assert normalize(mg).parts_selected == []
     assert "split_parts" in [n.name for n in mg.nodes]
     compile_exact(path, {"x": _f(rng, 2, 3, D)})
+
+
+def test_one_size_inference_left_unknown_is_solved_from_the_element_count(rng, build):
+    """ONNX inference (the fallback for opset-23 graphs) can leave one size of the target unknown
+    (``[B, S, 3, unk, HD]``): the leading axes are equal, so the element count fixes it."""
+    nodes, inits = _fused_attention(rng, "slice", dynamic_target=True)
+    path = build(nodes, [("x", FLOAT, ["B", "S", D])], [("y", FLOAT, ["B", "S", D])], inits)
+    mg = ModelGraph(infer_shapes(load_model(path)))
+    mg.tensors["parts"].shape = ["B", "S", 3, "unk__7", HD]
+    assert normalize(mg).parts_selected == ["split_parts"]
+    mg = ModelGraph(infer_shapes(load_model(path)))
+    mg.tensors["parts"].shape = ["B", "S", "unk__7", "unk__8", HD]  # two unknowns: not determined
+    assert normalize(mg).parts_selected == []
