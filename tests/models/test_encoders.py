@@ -38,9 +38,6 @@ KNOWN_GAPS: dict[tuple[str, str], str] = {
     **{("deberta_v2", e): "relative-position scores Q·pos_keyᵀ contract Q with a key projection of the constant "
                           "relative embeddings tiled over the run-time batch: clear, so Q and K are cleared"
        for e in he.EXPORTERS},
-    **{("swin", e): "the pooler's AdaptiveAvgPool1d lowers to torch's as_strided (Reshape [B,C,1,1] -> [B·C], "
-                    "Gather of computed flat indices): the Reshape merges the feature axis into the batch and clears "
-                    "the last stage" for e in ("dynamo20", "dynamo23")},
 }
 """Cells measured below the bar, with the cause; remove an entry when its cell passes."""
 

@@ -81,6 +81,7 @@ def _load_families() -> None:
         rotary,
         shape,
         spatial,
+        strided,
     )
 
 
