@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from eecompile.passes import constant_views
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.basis import AxisBasis
 from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis, fold_matrix
@@ -84,7 +85,7 @@ class MatMulRule(OpRule):
                 ctx.clear(a, node, "cannot pair contracted axes")
                 ctx.clear(b, node, "cannot pair contracted axes")
         else:
-            if a_contracted:
+            if a_contracted and not (b is None and _constant_partner(node, ctx, a, ra, rb)):
                 ctx.clear(a, node, "contracted with a clear operand")
             if b_contracted:
                 ctx.clear(b, node, "contracted with a clear operand")
@@ -105,6 +106,7 @@ class MatMulRule(OpRule):
     def fold(self, node: gs.Node, ctx: FoldContext) -> None:
         shape = ctx.mg.const_shape(node.inputs[1])
         if shape is None or len(shape) != 2:
+            _fold_constant_partner(node, ctx)
             return
         a, y = ctx.get(node.inputs[0]), ctx.get(node.outputs[0])
         ra, ry = ctx.mg.rank(node.inputs[0]), ctx.mg.rank(node.outputs[0])
@@ -259,6 +261,58 @@ class ConvRule(OpRule):
         ctx.set_const(node, 1, w)
         if isinstance(y, Protected) and len(node.inputs) > 2 and ctx.const(node.inputs[2]) is not None:
             ctx.set_const(node, 2, ctx.axis_basis(y).right(ctx.const(node.inputs[2]), 0))
+
+
+def _partner_view(node: gs.Node, ctx: AnalysisContext | FoldContext, a: Protected, ra: int, rb: int,
+                  rank, repeats=None) -> tuple[constant_views.ConstantView, int, int | None] | None:
+    """``node``'s right operand as a view of a constant whose contracted axis (and head axis) can take
+    ``a``'s dual bases: (view, the constant's contracted axis, its head axis or None).
+
+    ``repeats`` reads a Tile's repeats (analysis); None skips the check that the contracted axis is not
+    repeated (folding: the analysis made it, and cleared ``a`` where it failed)."""
+    view = constant_views.constant_view(node.inputs[1], node, ctx.const_shape, rank, repeats or (lambda t: None),
+                                        ctx.const)
+    if view is None or len(view.axes) != rb:
+        return None
+    contracted = view.axes[rb - 2]
+    shape = ctx.const_shape(view.constant)
+    if contracted.source is None or (contracted.repeats and repeats is not None):  # MatMul ties its size to a's
+        return None
+    if a.head_axis is None:
+        return view, contracted.source, None
+    head_at = a.head_axis - ra + rb
+    head = view.axes[head_at] if 0 <= head_at < rb - 2 else None
+    if head is None or head.source is None or shape[head.source] % len(a.refs):
+        return None
+    return view, contracted.source, head.source
+
+
+def _constant_partner(node: gs.Node, ctx: AnalysisContext, a: Protected, ra: int, rb: int) -> bool:
+    """Whether the clear right operand is a constant view that ``a``'s dual bases fold into (DeBERTa's
+    relative-position keys, tiled over the batch): the products are attention scores, clear."""
+    return _partner_view(node, ctx, a, ra, rb, ctx.rank, ctx.partial_values) is not None
+
+
+def _fold_constant_partner(node: gs.Node, ctx: FoldContext) -> None:
+    """Fold the left operand's dual bases into the constant behind the right operand (see
+    :func:`_constant_partner`); head ``h`` of the constant takes head ``h mod H``'s basis."""
+    a = ctx.get(node.inputs[0])
+    ra, rb = ctx.mg.rank(node.inputs[0]), ctx.mg.rank(node.inputs[1])
+    if not isinstance(a, Protected) or ra is None or rb is None or a.axis != ra - 1 or ctx.get(node.inputs[1]):
+        return
+    found = _partner_view(node, ctx, a, ra, rb, ctx.mg.rank)
+    if found is None:
+        return
+    view, contracted, head = found
+    value = ctx.const(view.constant).astype(np.float64)
+    if head is None:
+        value = ctx.axis_basis(a).dual().right(value, contracted)
+    else:
+        duals = [basis.dual() for basis in ctx.head_bases(a)]
+        slices = [duals[h % len(duals)].right(np.take(value, [h], axis=head), contracted)
+                  for h in range(value.shape[head])]
+        value = np.concatenate(slices, axis=head)
+    ctx.set_const(view.reader, view.index, value)
 
 
 def _sub_basis(basis: AxisBasis, lo: int, hi: int) -> AxisBasis:

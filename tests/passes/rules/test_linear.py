@@ -227,17 +227,80 @@ def test_constant_left_operand(rng, build, lint, compile_exact):
     compile_exact(path, {"x": _f(rng, 5, 4)})
 
 
-def test_batched_constant_weight_clears_its_input(rng, build, lint, compile_exact):
-    """A 3-D constant right operand is not a folded linear layer: its input space is cleared."""
+def test_batched_constant_weight_takes_the_dual_basis(rng, build, lint, compile_exact):
+    """A 3-D constant right operand contracts the protected axis like a weight: the dual basis folds into
+    its rows for every batch index; its products (no linear layer behind them) stay clear."""
     path = build([helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
                   helper.make_node("MatMul", ["h", "W3"], ["y"], name="batched")],
                  [("x", FLOAT, [2, 5, 4])], [("y", FLOAT, [2, 5, 3])],
                  {"W1": _f(rng, 4, 6), "W3": _f(rng, 2, 6, 3)})
     report = lint(path)
-    assert report.basis("x") == "invertible"
-    hidden = report.space("h")
-    assert hidden["basis"] == "clear" and hidden["limited_by"]["node"] == "batched"
-    compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+    assert report.basis("x") == "invertible" and report.basis("h") == "invertible"
+    result = compile_exact(path, {"x": _f(rng, 2, 5, 4)})
+    assert not np.allclose(_init(result.server_model, "W3"), _init(path, "W3"))
+
+
+H, D_HEAD, R = 4, 8, 6
+
+
+def _relative_keys(build, rng, repeats_tail=(1, 1), share_tile: bool = False, key_width: int = D_HEAD):
+    """DeBERTa's c2p scores: queries split into heads and merged with the batch (``[B·H, S, d]``) times
+    ``Transpose(Tile(C, [B, 1, 1]))`` of constant relative-position keys ``C [H, R, d]``."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("Reshape", ["q", "heads"], ["q4"], name="split"),
+             helper.make_node("Transpose", ["q4"], ["qt"], name="to_bhsd", perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["qt", "merged"], ["q3"], name="merge"),
+             helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+             helper.make_node("Slice", ["xs", "zero", "one"], ["batch"], name="batch"),
+             helper.make_node("Concat", ["batch", "tail"], ["reps"], name="repeats", axis=0),
+             helper.make_node("Tile", ["C", "reps"], ["keys"], name="tile"),
+             helper.make_node("Transpose", ["keys"], ["keys_t"], name="keys_t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q3", "keys_t"], ["c2p"], name="c2p")]
+    outputs = [("c2p", FLOAT, ["BH", 5, R])]
+    if share_tile:
+        nodes.append(helper.make_node("ReduceSum", ["keys"], ["keys_sum"], name="keys_sum", keepdims=0))
+        outputs.append(("keys_sum", FLOAT, []))
+    inits = {"Wq": _f(rng, 6, H * D_HEAD), "C": _f(rng, H, R, key_width), "heads": i64(0, 0, H, D_HEAD),
+             "merged": i64(-1, 5, D_HEAD), "zero": i64(0), "one": i64(1), "tail": i64(*repeats_tail)}
+    return build(nodes, [("x", FLOAT, ["B", 5, 6])], outputs, inits)
+
+
+def test_tiled_constant_keys_take_the_queries_dual_bases_head_by_head(rng, build, lint, compile_exact):
+    path = _relative_keys(build, rng)
+    report = lint(path)
+    queries = report.space("q")
+    assert queries["class"] == "invertible" and queries["blocks"] == H and "q3" in queries["tensors"]
+    result = compile_exact(path, [{"x": _f(rng, b, 5, 6)} for b in (1, 3)])
+    assert not np.allclose(_init(result.server_model, "C"), _init(path, "C"))
+
+
+def test_constant_keys_read_elsewhere_clear_the_queries(rng, build, lint, compile_exact):
+    """Folding into the constant would change what the other reader of the tiled keys sees."""
+    path = _relative_keys(build, rng, share_tile=True)
+    space = lint(path).space("q")
+    assert space["basis"] == "clear" and space["limited_by"]["node"] == "c2p"
+    compile_exact(path, {"x": _f(rng, 2, 5, 6)})
+
+
+def test_keys_tiled_along_the_contracted_axis_clear_the_queries(rng, build, lint, compile_exact):
+    """``Tile`` along ``d`` repeats the constant's features: one basis cannot fold into both copies."""
+    path = _relative_keys(build, rng, repeats_tail=(1, 2), key_width=D_HEAD // 2)
+    assert lint(path).basis("q") == "clear"
+    compile_exact(path, {"x": _f(rng, 2, 5, 6)})
+
+
+def test_per_head_constant_right_operand(rng, build, lint, compile_exact):
+    """``[B, H, S, d] · C[H, d, n]``: head ``h`` of the constant takes head ``h``'s dual basis."""
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    path = build([helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+                  helper.make_node("Reshape", ["q", "heads"], ["q4"], name="split"),
+                  helper.make_node("Transpose", ["q4"], ["qt"], name="to_bhsd", perm=[0, 2, 1, 3]),
+                  helper.make_node("MatMul", ["qt", "C"], ["y"], name="per_head")],
+                 [("x", FLOAT, ["B", 5, 6])], [("y", FLOAT, ["B", H, 5, 3])],
+                 {"Wq": _f(rng, 6, H * D_HEAD), "C": _f(rng, H, D_HEAD, 3), "heads": i64(0, 0, H, D_HEAD)})
+    assert lint(path).space("q")["class"] == "invertible"
+    compile_exact(path, {"x": _f(rng, 2, 5, 6)})
 
 
 def test_gram_matrix_forces_an_orthogonal_basis(rng, build, lint, compile_exact):
