@@ -5,6 +5,7 @@ Schema (``report.to_dict()``)::
     {"model": str, "warnings": [str],   # e.g. KV-cache outputs the server holds in clear
      "spaces": [{name, size, basis, class, blocks, limited_by: {node, op_type, reason} | null,
                  lift: {kind, how} | null,   # weak/clear spaces: a re-export option, a policy, inherent ...
+                 bases_log2: float | null,   # log2 of how many bases its class allows; null: a continuum
                  tensors: [str]}],
      "inputs": [{name, protection}], "outputs": [{name, protection}],
      "validity": str (which checks the model passed), "unsupported_ops": [{node, op_type, domain}],
@@ -18,6 +19,7 @@ unit_roundoff, floor, rule, text} | null}) and ``exposure``
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from eecompile.passes.analyze import Analysis
@@ -25,7 +27,7 @@ from eecompile.passes.annotations import IndexValues, Protected
 from eecompile.passes.normalize import NormalizeResult
 from eecompile.passes.plan import describe
 from eecompile.passes.rules.quantized import quantized_weight_policies
-from eecompile.passes.spaces import BasisClass, Ref
+from eecompile.passes.spaces import BasisClass, Ref, pair_layout
 
 BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible", "complex-pairs", "pair-rotations",
                "pair-scaled-quarter-turns", "monomial", "pair-scales", "pair-positive-scales", "signed-permutation",
@@ -35,6 +37,9 @@ BASIS_ORDER = ["orthogonal", "ones-orthogonal", "invertible", "block-invertible"
 WEAK_BASES = ("clear", "permutation", "signed-permutation", "monomial", "pair-scaled-quarter-turns", "pair-scales",
               "pair-positive-scales", "pair-quarter-turns", "pair-signs")
 """Bases the report calls weak: each gets a ``lift`` entry saying what would make it stronger."""
+
+FEW_BASES_LOG2 = 32
+"""Spaces whose class allows fewer bases than this (log2) are named in the weaknesses: enumerable."""
 
 RE_EXPORT, POLICY, INHERENT, FOLLOWS, UNKNOWN = ("re-export", "policy", "inherent to the op",
                                                  "follows another space", "unknown")
@@ -158,8 +163,28 @@ def _space_entry(analysis: Analysis, root: int, hints: dict[int, dict] | None = 
         "blocks": len(blocks),
         "limited_by": limited_by,
         "lift": _lift_with_hints(limited_by, basis, [root, *(b.space for b in blocks)], hints or {}),
+        "bases_log2": bases_log2([(spaces.cls(b), spaces.size(b)) for b in blocks]),
         "tensors": tensors,
     }
+
+
+def bases_log2(blocks: list[tuple[BasisClass, int]]) -> float | None:
+    """log2 of how many bases the blocks' classes allow, when that number is finite (permutations, signs,
+    quarter turns); None when a block draws from a continuum (dense bases, scales). A clear block counts 1."""
+    total = 0.0
+    for cls, size in blocks:
+        layout = pair_layout(cls)
+        if cls == BasisClass.CLEAR:
+            continue
+        if cls == BasisClass.PERMUTATION:
+            total += math.lgamma(size + 1) / math.log(2)
+        elif cls == BasisClass.SIGNED_PERMUTATION:
+            total += math.lgamma(size + 1) / math.log(2) + size
+        elif layout is not None and layout[1] == 1 and layout[2] in (1, 2, 3):  # unit modulus, discrete angle
+            total += (size // 2) * {1: 2, 2: 1, 3: 0}[layout[2]]
+        else:
+            return None
+    return round(total, 1)
 
 
 def _lift_with_hints(limited_by: dict | None, basis: str, roots: list[int], hints: dict[int, dict]) -> dict | None:
@@ -345,6 +370,12 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
                    "result may differ from the plaintext one (ties between distinct float scores are rare)")
     if analysis.unsupported:
         out.append(f"{len(analysis.unsupported)} node(s) without an op rule left their spaces in clear")
+    few = sorted((e for e in entries if e["basis"] != "clear" and e.get("bases_log2") is not None
+                  and e["bases_log2"] < FEW_BASES_LOG2), key=lambda e: e["bases_log2"])
+    if few:
+        named = _names([f"{e['name']} (2^{e['bases_log2']:g})" for e in few])
+        out.append(f"{len(few)} protected space(s) allow fewer than 2^{FEW_BASES_LOG2} bases, so a server that can "
+                   f"test a guess (knowing the public model) tries them all: {named}")
     clear = [e["name"] for e in entries if e["basis"] == "clear"]
     if clear:
         out.append(f"{len(clear)} space(s) stay in clear")

@@ -13,7 +13,8 @@ from eecompile.passes.annotations import Protected
 from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
 from eecompile.passes.normalize import normalize
 from eecompile.passes.rules import unregistered
-from eecompile.report import BASIS_ORDER, render_markdown, render_text
+from eecompile.passes.spaces import BasisClass
+from eecompile.report import BASIS_ORDER, bases_log2, render_markdown, render_text
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
 H, HD = 2, 3
@@ -65,7 +66,8 @@ def test_report_schema(rng, tmp_path):
                            "summary"}
     assert report["model"] == "m.onnx"
     for space in report["spaces"]:
-        assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "lift", "tensors"}
+        assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "lift", "bases_log2",
+                              "tensors"}
         assert space["basis"] in BASIS_ORDER
         assert space["limited_by"] is None or set(space["limited_by"]) == {"node", "op_type", "reason"}
     names = [s["name"] for s in report["spaces"]]
@@ -268,3 +270,32 @@ def test_a_space_the_rebase_policy_lifts_says_so_with_its_cost(rng, tmp_path):
     assert rebased["policy"] == "rebase"
     assert all("--policy rebase" not in (s["lift"] or {}).get("how", "") for s in rebased["spaces"])
     assert next(s for s in rebased["spaces"] if "s" in s["tensors"])["basis"] == "invertible"  # no norm after it
+
+
+def test_bases_log2_counts_discrete_classes_only():
+    assert bases_log2([(BasisClass.PERMUTATION, 2)] * 8) == 8.0
+    assert bases_log2([(BasisClass.SIGNED_PERMUTATION, 3)]) == round(np.log2(6) + 3, 1)
+    assert bases_log2([(BasisClass.PAIR_SIGNS_HALF, 8)]) == 4.0 and bases_log2([(BasisClass.PAIR_UNITS_HALF, 8)]) == 8.0
+    assert bases_log2([(BasisClass.PERMUTATION, 4), (BasisClass.INVERTIBLE, 4)]) is None
+    assert bases_log2([(BasisClass.MONOMIAL, 4)]) is None and bases_log2([(BasisClass.CLEAR, 4)]) == 0.0
+
+
+def test_a_space_with_few_bases_is_named_in_the_weaknesses(rng, tmp_path):
+    """Four groups of two channels under permutations: 2^4 bases, which a server can simply try."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(v, n) for n, v in
+             {"W1": f(8, 3, 1, 1), "s": f(8), "t": f(8), "W2": f(2, 8, 1, 1)}.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["h"], name="conv1"),
+         helper.make_node("GroupNormalization", ["h", "s", "t"], ["n"], name="norm", num_groups=4),
+         helper.make_node("Conv", ["n", "W2"], ["y"], name="conv2")],
+        "g", [helper.make_tensor_value_info("x", FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", FLOAT, [1, 2, 4, 4])], inits)
+    path = tmp_path / "groups.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    report = eecompile.lint_model(path)
+    (paired,) = [s for s in report["spaces"] if "h" in s["tensors"]]
+    assert paired["basis"] == "permutation" and paired["bases_log2"] == 4.0
+    assert [s["bases_log2"] for s in report["spaces"] if "x" in s["tensors"]] == [None]  # dense: a continuum
+    (weak,) = [w for w in report["weaknesses"] if "fewer than 2^32 bases" in w]
+    assert f"{paired['name']} (2^4)" in weak

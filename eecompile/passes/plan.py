@@ -15,7 +15,7 @@ from eecompile.keys import MasterKey, derive_rng
 from eecompile.passes import bases
 from eecompile.passes.analyze import Analysis
 from eecompile.passes.basis import Basis
-from eecompile.passes.spaces import BasisClass, Ref, is_pair_class, pair_layout
+from eecompile.passes.spaces import PERMUTING, BasisClass, Ref, SpaceTable, is_pair_class, pair_layout
 
 MAX_CONDITION = 4.0
 SCALE_RANGE = (0.5, 2.0)
@@ -83,15 +83,49 @@ def _pair_scalars(rng: np.random.Generator, cls: BasisClass, size: int) -> Basis
     return Basis.monomial(perm, scale)
 
 
+MAX_REDRAWS = 64
+
+
 def plan(analysis: Analysis, key: MasterKey) -> Plan:
-    """Choose and derive the basis of every space root."""
+    """Choose and derive the basis of every space root.
+
+    No protected axis is left in plain coordinates by the draw: where every protected block of a space
+    drew the identity (eight groups of two channels under permutations do so once in 256 keys), the
+    permutation of its first block that can move is drawn again, from a name derived from the key as
+    well, for every space sharing that permutation.
+    """
     spaces = analysis.ctx.spaces
     chosen: dict[int, Basis] = {}
     for root in spaces.roots():
-        leaf = spaces.leaves[root]
-        perm_root = spaces.perm_root(Ref(root))
-        chosen[root] = sample_basis(key, leaf.name, spaces.leaves[perm_root].name, leaf.cls, leaf.size)
+        chosen[root] = draw_basis(key, spaces, root, "")
+    for attempt in range(1, MAX_REDRAWS + 1):
+        offending = [block for block in map(lambda top: _movable_block(spaces, chosen, top), spaces.top_roots())
+                     if block is not None]
+        if not offending:
+            break
+        for block in offending:
+            for member in spaces.perm_group(Ref(block)):
+                chosen[member] = draw_basis(key, spaces, member, f"#redraw{attempt}")
     return Plan(chosen)
+
+
+def draw_basis(key: MasterKey, spaces: SpaceTable, root: int, suffix: str = "") -> Basis:
+    """The basis of space root ``root`` drawn under its name plus ``suffix`` (a redraw's), its permutation
+    under its permutation group's name plus ``suffix``."""
+    leaf = spaces.leaves[root]
+    perm_root = spaces.perm_root(Ref(root))
+    return sample_basis(key, leaf.name + suffix, spaces.leaves[perm_root].name + suffix, leaf.cls, leaf.size)
+
+
+def _movable_block(spaces: SpaceTable, chosen: dict[int, Basis], top: int) -> int | None:
+    """The first block of space ``top`` whose draw could move it, when every protected block drew the identity."""
+    blocks = [ref.space for ref in spaces.expand((Ref(top),))]
+    protected = [b for b in blocks if spaces.leaves[b].cls != BasisClass.CLEAR]
+    if not protected or not all(leaves_coordinates_in_place(chosen[b]) for b in protected):
+        return None
+    return next((b for b in protected if spaces.leaves[b].cls in PERMUTING and spaces.leaves[b].size > 1
+                 or spaces.leaves[b].cls in (BasisClass.SIGNED_PERMUTATION, BasisClass.MONOMIAL,
+                                             BasisClass.POSITIVE_MONOMIAL)), None)
 
 
 def describe(cls: BasisClass, split: bool = False) -> str:
@@ -107,6 +141,10 @@ def describe(cls: BasisClass, split: bool = False) -> str:
     return cls.value
 
 
-def identity_check(basis: Basis) -> bool:
-    """True when the basis is the identity matrix."""
-    return basis.is_identity or (basis.dense is not None and np.array_equal(basis.dense, np.eye(basis.size)))
+def leaves_coordinates_in_place(basis: Basis) -> bool:
+    """True when ``x @ T == x`` (the identity, however it is stored: a dense eye, ``perm == arange`` with unit
+    scales)."""
+    if basis.dense is not None:
+        return bool(np.array_equal(basis.dense, np.eye(basis.size)))
+    in_place = basis.perm is None or bool(np.array_equal(basis.perm, np.arange(basis.size)))
+    return in_place and (basis.scale is None or bool(np.all(basis.scale == 1.0)))

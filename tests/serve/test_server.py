@@ -4,9 +4,9 @@ server serving, and the bounded loopback load test (16 clients x 200 requests, H
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -106,14 +106,23 @@ def _still_serves(server, bert_out, local) -> None:
     assert server.alive()
 
 
-def _http_status(server, path: str, body: bytes) -> tuple[int, str]:
-    request = urllib.request.Request(server.http + path, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+def _announced_body_status(server, path: str, size: int) -> tuple[int, str]:
+    """POST headers announcing a ``size``-byte body and wait for the answer before sending any of it (what
+    ``Expect: 100-continue`` asks for): a server refusing the size from its header answers at once, and no
+    half-sent body races the refusal (sending it could end in a broken pipe before the answer is read)."""
+    url = urllib.parse.urlsplit(server.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()).get("error", "")
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(size))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()
+        response = conn.getresponse()
+        text = response.read().decode()
+    finally:
+        conn.close()
+    return response.status, json.loads(text).get("error", "") if response.status >= 400 else text
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -162,7 +171,7 @@ def test_oversized_body_is_refused_on_both_protocols(bert_server, bert_out, loca
     from tritonclient.utils import InferenceServerException
 
     big = {"input_ids": np.zeros((1, 200_000), np.int64), "attention_mask": np.ones((1, 200_000), np.int64)}
-    status, message = _http_status(bert_server, "/v2/models/bert/infer", b"x" * (2 << 20))
+    status, message = _announced_body_status(bert_server, "/v2/models/bert/infer", 2 << 20)
     assert status == 413 and "at most 1048576" in message
     module, client = _stock_client(bert_server, "grpc")
     with pytest.raises(InferenceServerException) as info:
