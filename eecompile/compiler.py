@@ -34,7 +34,8 @@ from eecompile.passes.rebase import analyze_with_policy
 from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
                                      verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
-from eecompile.passes.store import ALIGN, INLINE_BYTES, FileValues, TensorStore, model_bytes, release_memory
+from eecompile.passes.store import (ALIGN, INLINE_BYTES, FileValues, FrozenHeap, TensorStore, model_bytes,
+                                    release_memory)
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
@@ -304,12 +305,13 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
                   verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None,
                   options: CompileOptions = CompileOptions(), progress: bool | None = None) -> CompileResult:
-    with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work:
+    with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work, FrozenHeap() as heap:
         scratch = work.path / "scratch.bin"
         new = work.path / staging.NEW
         store = TensorStore(scratch)
         with _phase("analyse"):
             mg, analysis, normalized = _analysed(model_path, store, options)
+        heap.freeze()  # the graph and analysis live to the end: collections after this skip them
         size = model_bytes(model_path)  # what the plan's and the fold's scratch scale with (read once it loaded)
         with _phase("plan"):
             bases = plan(analysis, key)
@@ -331,6 +333,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         client.save(new / "client", extra={"key_fingerprint": key.fingerprint()},
                     input_types=_value_types(server_model.graph.input),
                     output_types=_value_types(server_model.graph.output))
+        heap.freeze()  # and so does what plan, fold and emit made
         if verify:
             with _phase("verify"):
                 result = verify_equivalence(model_path, server_path, client, feeds_list=verify_feeds,

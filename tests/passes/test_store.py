@@ -156,3 +156,26 @@ def test_model_bytes_counts_external_data_once(tmp_path):
     expected = (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
     assert model_bytes(tmp_path / "m.onnx") == expected
     assert (tmp_path / "m.data").stat().st_size >= big.nbytes + small.nbytes
+
+
+def test_frozen_heap_skips_what_was_alive_and_still_collects_new_cycles():
+    import gc
+    import weakref
+
+    from eecompile.passes.store import FrozenHeap
+
+    class Node:
+        pass
+
+    before = gc.get_freeze_count()
+    with FrozenHeap() as heap:
+        assert gc.get_freeze_count() == before  # nothing is frozen until asked
+        heap.freeze()
+        assert gc.get_freeze_count() > before
+        cycle = Node()
+        cycle.self = cycle
+        alive = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert alive() is None  # garbage made after the freeze is still found
+    assert gc.get_freeze_count() == 0
