@@ -207,20 +207,27 @@ class SegmentedSession:
         """Values of ``names`` (graph outputs or any intermediate tensor; None: every output) on ``feeds``."""
         return self.run_many(names, [feeds], run_options)[0]
 
-    def run_many(self, names, feeds_list: list[dict], run_options=None) -> list[list]:
+    def run_many(self, names, feeds_list: list[dict], run_options=None,
+                 links: list[dict[str, tuple[int, str]]] | None = None) -> list[list]:
         """:meth:`run` on each of ``feeds_list``, building each segment's session once for all of them.
 
         Every feed set must give the segment's inputs the same types; shapes may differ only where the
         first feed set's segment accepts them (each segment's inputs are typed from the first set, their
-        dims left symbolic).
+        dims left symbolic). ``links[j]`` maps inputs of feed set ``j`` to ``(i, tensor)``: tensor ``tensor``
+        of an earlier feed set ``i``'s run, taken when a segment first needs it (a decode step's cache is the
+        prefill's ``present*``, computed segment by segment in the same pass).
         """
         from eecompile.passes.store import in_place_session, release_memory
 
         names = list(names or [o.name for o in self._outputs])
+        graph_outputs = {o.name for o in self._outputs}
+        links = links or [{} for _ in feeds_list]
+        linked = {tensor for link in links for _, tensor in link.values()}
+        if linked - graph_outputs:
+            raise ValueError(f"a linked tensor must be a graph output: {sorted(linked - graph_outputs)[0]}")
         wanted_all = set(names)
         runs = [dict(f) for f in feeds_list]
         given = [set(f) for f in feeds_list]
-        graph_outputs = {o.name for o in self._outputs}
         for start, stop in self.ranges:
             made = [o for node in self.model.graph.node[start:stop] for o in node.output if o]
             wanted = [o for o in dict.fromkeys(made)
@@ -229,7 +236,14 @@ class SegmentedSession:
                 continue
             session = in_place_session(self._segment(start, stop, runs[0], wanted), self.folder, self.options)
             inputs = [i.name for i in session.get_inputs()]
-            for values, fed in zip(runs, given):
+            for j, (values, fed) in enumerate(zip(runs, given)):
+                for name in inputs:
+                    if name not in values and name in links[j]:
+                        source, tensor = links[j][name]
+                        if source >= j or tensor not in runs[source]:
+                            raise ValueError(f"segment {start}:{stop} needs '{name}' from feed set {source}'s "
+                                             f"'{tensor}', which is not computed yet")
+                        values[name] = runs[source][tensor]
                 got = session.run(wanted, {n: values[n] for n in inputs}, run_options)
                 # copies: an array ONNX Runtime returns can keep its session's memory (the segment's weights,
                 # where they were copied into its arena) alive after the session is released
@@ -243,11 +257,24 @@ class SegmentedSession:
         return [[values[n] for n in names] for values in runs]
 
 
-def run_all(session, names, feeds_list: list[dict]) -> list[list]:
-    """``session.run(names, f)`` for each feed set; a :class:`SegmentedSession` builds each segment once."""
+def run_all(session, names, feeds_list: list[dict], links: list[dict[str, tuple[int, str]]] | None = None
+            ) -> list[list]:
+    """``session.run(names, f)`` for each feed set; a :class:`SegmentedSession` builds each segment once.
+
+    ``links`` (see :meth:`SegmentedSession.run_many`) feeds inputs of a later set from an earlier set's outputs,
+    which must be among ``names``."""
     if isinstance(session, SegmentedSession):
-        return session.run_many(names, feeds_list)
-    return [session.run(names, f) for f in feeds_list]
+        return session.run_many(names, feeds_list, links=links)
+    names = list(names or [o.name for o in session.get_outputs()])
+    outs: list[list] = []
+    for j, feeds in enumerate(feeds_list):
+        feeds = dict(feeds)
+        for name, (source, tensor) in (links[j] if links else {}).items():
+            if source >= j:
+                raise ValueError(f"feed set {j} links '{name}' to a later feed set {source}")
+            feeds[name] = outs[source][names.index(tensor)]
+        outs.append(session.run(names, feeds))
+    return outs
 
 
 def piecewise(model: onnx.ModelProto) -> bool:

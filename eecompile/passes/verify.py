@@ -538,6 +538,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     from eecompile.passes.segments import run_all
 
     expected_list = None  # the original's outputs per plan, computed by the probe that succeeded
+    steps_done = None  # the original's decode steps, when the probe ran them in its pass
     if feeds_list:
         plans = [(dict(f), symbols_of(ref, f)) for f in feeds_list]
         if has_state and full is None and any(np.size(f[n]) for f in feeds_list for n in client.state_inputs
@@ -552,12 +553,24 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         candidates = candidate_assignments(ref, shapes, allow_past=full is not None or not has_state, spatial=spatial)
         for symbols in candidates:
             tried = [(feeds_for(ref, symbols, s, index_sizes), symbols) for s in seeds]
+            prefills = [f for f, _ in tried]
+            chained = _predicted_steps(ref, client, tried, index_sizes) if has_state else None
             try:  # every seed at once (a model run in segments builds each segment once for all)
-                expected_list = [dict(zip(names, o)) for o in run_all(ref, names, [f for f, _ in tried])]
+                outs = None
+                if chained is not None:  # and each decode step in the same pass, fed its prefill's cache
+                    try:
+                        outs = run_all(ref, names, prefills + [c[2] for c in chained], _cache_links(chained))
+                    except Exception:  # noqa: BLE001 - the steps as predicted do not run: the steps' own pass
+                        outs, chained = None, None
+                if outs is None:
+                    outs = run_all(ref, names, prefills)
+                expected_list = [dict(zip(names, o)) for o in outs[:len(prefills)]]
             except Exception as exc:  # the original does not take these shapes: try the next assignment
                 error = error or f"{_shape_text(symbols)}: {_first_line(exc)}"
                 continue
             plans = tried
+            if chained is not None:
+                steps_done = _chained_steps(chained, expected_list, outs[len(prefills):], names)
             break
         if plans is None:
             return VerifyResult(False, None, f"skipped: the original model runs on none of "
@@ -569,9 +582,12 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
         except Exception as exc:
             return VerifyResult(False, None, f"skipped: the original model does not run on the given inputs "
                                              f"({_first_line(exc)})")
-    steps = ([_plain_step(ref, client, feeds, symbols, expected, index_sizes)
-              for (feeds, symbols), expected in zip(plans, expected_list)] if has_state else [None] * len(plans))
-    _run_plain_steps(ref, names, steps)
+    if steps_done is not None:
+        steps = steps_done
+    else:
+        steps = ([_plain_step(ref, client, feeds, symbols, expected, index_sizes)
+                  for (feeds, symbols), expected in zip(plans, expected_list)] if has_state else [None] * len(plans))
+        _run_plain_steps(ref, names, steps)
     runs = [(feeds, expected, step) for (feeds, _), expected, step in zip(plans, expected_list, steps)]
     del ref
     release_memory(model_bytes(original))  # the original's weights leave memory before the compiled model's arrive
@@ -580,14 +596,30 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     except Exception as exc:  # ORT raises its own exception types
         return VerifyResult(False, None, f"skipped: ONNX Runtime cannot load the model ({_first_line(exc)})")
     worst, decoded, notes, measured = 0.0, False, [], set()
-    gots = _run_encrypted(enc, names, [(full or client).encrypt(feeds) for feeds, _, _ in runs])
+    prefills = [(full or client).encrypt(feeds) for feeds, _, _ in runs]
+    chainable = steps_done is not None and all(isinstance(step, tuple) for _, _, step in runs)
+    if chainable:  # the decode steps in the prefill's pass, each fed the server's own (encrypted) cache
+        ciphers = [_without(client.encrypt(step[0]), [past for past, _ in step[1]]) for _, _, step in runs]
+        links = [{} for _ in prefills] + [{past: (i, present) for past, present in step[1]}
+                                          for i, (_, _, step) in enumerate(runs)]
+        outs = _run_encrypted(enc, names, prefills + ciphers, links)
+        gots, step_gots = outs[:len(prefills)], outs[len(prefills):]
+    else:
+        gots = _run_encrypted(enc, names, prefills)
     for (feeds, expected, step), got in zip(runs, gots):
         worst = max(worst, _compare(expected, (full or client).decrypt(got), client, full, tol, "prefill", measured))
         if isinstance(step, str):
             notes.append(step)
-    stepped = [(step, got) for (_, _, step), got in zip(runs, gots) if step is not None and not isinstance(step, str)]
-    if stepped:
-        worst, decoded = max(worst, _encrypted_steps(enc, client, full, stepped, names, tol, measured)), True
+    if chainable:
+        for (_, _, step), got2 in zip(runs, step_gots):
+            worst = max(worst, _compare(step[2], (full or client).decrypt(got2), client, full, tol, "decode step",
+                                        measured))
+        decoded = bool(runs)
+    else:
+        stepped = [(step, got) for (_, _, step), got in zip(runs, gots)
+                   if step is not None and not isinstance(step, str)]
+        if stepped:
+            worst, decoded = max(worst, _encrypted_steps(enc, client, full, stepped, names, tol, measured)), True
     del enc
     release_memory(model_bytes(server))
     unmeasured = [n for n in names if n not in measured and (full is not None or n not in client.state_outputs)]
@@ -663,12 +695,13 @@ def _shape_text(symbols: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in symbols.items()) or "static shapes"
 
 
-def _run_encrypted(enc, names, feeds_list: list[dict]) -> list[dict[str, np.ndarray]]:
-    """The compiled model's outputs on each of ``feeds_list`` (a failure is the compiled model's)."""
+def _run_encrypted(enc, names, feeds_list: list[dict], links=None) -> list[dict[str, np.ndarray]]:
+    """The compiled model's outputs on each of ``feeds_list`` (a failure is the compiled model's); ``links`` as
+    for :func:`~eecompile.passes.segments.run_all`."""
     from eecompile.passes.segments import run_all
 
     try:
-        return [dict(zip(names, o)) for o in run_all(enc, names, feeds_list)]
+        return [dict(zip(names, o)) for o in run_all(enc, names, feeds_list, links)]
     except Exception as exc:
         raise VerificationError(f"the compiled model fails on inputs the original accepts "
                                 f"({_first_line(exc)})") from None
@@ -722,6 +755,56 @@ def _plain_step(ref, client, feeds, symbols, expected, index_sizes):
         return "no decode-step shapes fit the cache"
     step = feeds_for(ref, new, 99, index_sizes)
     return [step, pairs, {**step, **{past: expected[present] for past, present in pairs}}]
+
+
+def _predicted_steps(ref, client, plans, index_sizes) -> list | None:
+    """Each plan's decode step built before its prefill runs, from the cache shapes the prefill will give
+    (the ``past`` axis grown by the new tokens), so that one pass runs both (:func:`_cache_links`).
+
+    Returns ``[step feeds, cache pairs, the original's step feeds without the cache]`` per plan, or None when
+    a shape cannot be predicted or a step cannot be built (the steps then get their own pass)."""
+    pairs = state_pairs(client.state_inputs, client.state_outputs)
+    if not pairs or len(pairs) != len(client.state_inputs):
+        return None
+    inputs = {name: dims for name, _, dims in _inputs(ref)}
+    roles = symbol_roles(_inputs(ref))
+    steps = []
+    for feeds, symbols in plans:
+        grow = [v for k, v in symbols.items() if roles.get(k) == "seq"]
+        predicted = {}
+        for past, present in pairs:
+            dims = inputs[past]
+            axes = [a for a, d in enumerate(dims) if roles.get(str(d)) == "past"]
+            if len(axes) != 1 or len(grow) != 1 or past not in feeds:
+                return None
+            shape = list(np.shape(feeds[past]))
+            shape[axes[0]] += grow[0]
+            predicted[present] = np.zeros(shape, np.asarray(feeds[past]).dtype)
+        step = _plain_step(ref, client, feeds, symbols, predicted, index_sizes)
+        if isinstance(step, str):
+            return None
+        steps.append([step[0], step[1], _without(step[2], [past for past, _ in pairs]), predicted])
+    return steps
+
+
+def _cache_links(chained: list) -> list[dict[str, tuple[int, str]]]:
+    """For a run of ``n`` prefills then their ``n`` steps: step ``i``'s cache is prefill ``i``'s ``present*``."""
+    n = len(chained)
+    return [{} for _ in range(n)] + [{past: (i, present) for past, present in c[1]} for i, c in enumerate(chained)]
+
+
+def _chained_steps(chained: list, expected_list: list[dict], outs: list, names: list[str]) -> list | None:
+    """The steps of :func:`_predicted_steps` as :func:`_run_plain_steps` leaves them, ``(step feeds, cache pairs,
+    expected outputs)``; None when a prefill's cache came out of another shape than predicted (the steps were
+    built for a cache they did not get: they run again in their own pass, built from the real cache)."""
+    for step, expected in zip(chained, expected_list):
+        if any(np.shape(expected[present]) != np.shape(value) for present, value in step[3].items()):
+            return None
+    return [(step[0], step[1], dict(zip(names, out))) for step, out in zip(chained, outs)]
+
+
+def _without(feeds: dict, names: list[str]) -> dict:
+    return {k: v for k, v in feeds.items() if k not in names}
 
 
 def _run_plain_steps(ref, names, steps: list) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eecompile.passes import segments
@@ -132,3 +133,71 @@ def test_run_many_builds_each_segment_once_and_equals_single_runs(tmp_path, monk
     assert many[1][1].shape == (2, 7, D)
     for a, b in zip(single, many):
         assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_a_linked_decode_step_runs_in_its_prefill_pass(tmp_path, monkeypatch):
+    """A step whose cache is its prefill's ``present_key``, taken segment by segment: one build of each segment
+    for both, equal bit for bit to running the prefill and then the step; without segments, the same."""
+    import onnxruntime as ort
+
+    path = _decoder(tmp_path / "m.onnx", np.random.default_rng(6))
+    model = load_structure(path)
+    pieces = SegmentedSession(model, tmp_path, None, 3 * _layer_bytes())
+    whole = in_place_session(model, tmp_path, ort.SessionOptions())
+    rng = np.random.default_rng(7)
+    prefill = {"x": rng.standard_normal((2, 4, D)).astype(np.float32),
+               "past_key": rng.standard_normal((2, 2, D)).astype(np.float32)}
+    step = {"x": rng.standard_normal((2, 1, D)).astype(np.float32)}
+    names = ["y", "present_key"]
+    first = pieces.run(names, prefill)
+    second = pieces.run(names, {**step, "past_key": first[1]})
+    built = []
+    real = segments.SegmentedSession._segment
+
+    def counting(self, *args):
+        built.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(segments.SegmentedSession, "_segment", counting)
+    links = [{}, {"past_key": (0, "present_key")}]
+    chained = segments.run_all(pieces, names, [prefill, step], links)
+    assert len(built) == len(pieces.ranges) == 3
+    assert chained[1][1].shape == (2, 7, D)
+    for a, b in zip([first, second], chained):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    unsegmented = segments.run_all(whole, names, [prefill, step], links)
+    for a, b in zip([first, second], unsegmented):
+        assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_a_link_to_a_tensor_not_yet_computed_is_refused(tmp_path):
+    path = _decoder(tmp_path / "m.onnx", np.random.default_rng(8))
+    pieces = SegmentedSession(load_structure(path), tmp_path, None, 3 * _layer_bytes())
+    x = np.zeros((1, 1, D), np.float32)
+    sets = [{"x": x, "past_key": np.zeros((1, 1, D), np.float32)}, {"x": x}]
+    with pytest.raises(ValueError, match="not computed yet"):
+        pieces.run_many(["y", "present_key"], sets, links=[{}, {"past_key": (1, "present_key")}])  # its own
+    with pytest.raises(ValueError, match="must be a graph output"):
+        pieces.run_many(["y"], sets, links=[{}, {"past_key": (0, "h1")}])
+
+
+def test_compile_verifies_prefill_and_decode_step_in_one_pass_per_model(tmp_path, monkeypatch):
+    """The decode step's cache shapes are predicted (past + new tokens), so each model's prefill and decode step
+    share one pass over its segments: two passes in all (original, compiled), each of 2 prefills + 2 steps."""
+    import eecompile
+
+    path = _decoder(tmp_path / "m.onnx", np.random.default_rng(9))
+    monkeypatch.setattr(segments, "PIECEWISE_BYTES", 0)
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 3 * _layer_bytes())
+    passes = []
+    real = SegmentedSession.run_many
+
+    def counted(self, names, feeds_list, run_options=None, links=None):
+        passes.append((len(feeds_list), bool(links and any(links))))
+        return real(self, names, feeds_list, run_options, links)
+
+    monkeypatch.setattr(SegmentedSession, "run_many", counted)
+    result = eecompile.compile_model(path, eecompile.generate_key(), tmp_path / "out", progress=False)
+    v = result.verification
+    assert v.checked and v.decode_checked and "decode step" in v.detail and v.max_relative_error <= 1e-5, v.detail
+    assert passes.count((4, True)) == 2 and (2, False) not in passes, passes
