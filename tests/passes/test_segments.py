@@ -46,6 +46,19 @@ def _layer_bytes() -> int:
     return D * D * 4
 
 
+def _count_segment_builds(monkeypatch) -> list:
+    """From now on, the start node of every segment model built (one per session)."""
+    built = []
+    real = segments.SegmentedSession._segment
+
+    def counting(self, *args):
+        built.append(args[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(segments.SegmentedSession, "_segment", counting)
+    return built
+
+
 def test_plan_cuts_into_consecutive_ranges_between_layers(tmp_path):
     model = load_structure(_decoder(tmp_path / "m.onnx", np.random.default_rng(0)))
     ranges = plan_segments(model, 3 * _layer_bytes())
@@ -120,14 +133,7 @@ def test_run_many_builds_each_segment_once_and_equals_single_runs(tmp_path, monk
     sets = [{"x": rng.standard_normal((2, t, D)).astype(np.float32),
              "past_key": rng.standard_normal((2, p, D)).astype(np.float32)} for t, p in ((4, 2), (1, 6))]
     single = [pieces.run(["y", "present_key"], f) for f in sets]
-    built = []
-    real = segments.SegmentedSession._segment
-
-    def counting(self, *args):
-        built.append(args[0])
-        return real(self, *args)
-
-    monkeypatch.setattr(segments.SegmentedSession, "_segment", counting)
+    built = _count_segment_builds(monkeypatch)
     many = segments.run_all(pieces, ["y", "present_key"], sets)
     assert len(built) == len(pieces.ranges) == 3
     assert many[1][1].shape == (2, 7, D)
@@ -151,14 +157,7 @@ def test_a_linked_decode_step_runs_in_its_prefill_pass(tmp_path, monkeypatch):
     names = ["y", "present_key"]
     first = pieces.run(names, prefill)
     second = pieces.run(names, {**step, "past_key": first[1]})
-    built = []
-    real = segments.SegmentedSession._segment
-
-    def counting(self, *args):
-        built.append(args[0])
-        return real(self, *args)
-
-    monkeypatch.setattr(segments.SegmentedSession, "_segment", counting)
+    built = _count_segment_builds(monkeypatch)
     links = [{}, {"past_key": (0, "present_key")}]
     chained = segments.run_all(pieces, names, [prefill, step], links)
     assert len(built) == len(pieces.ranges) == 3
