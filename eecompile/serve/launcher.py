@@ -4,14 +4,16 @@ MLServer does the serving (the Open Inference Protocol's REST and gRPC endpoints
 metadata, parallel workers, adaptive batching, Prometheus metrics). This module adds what
 it lacks for this use: a fixed model repository (the models of the folder, nothing scanned
 from the working directory), a request-size limit on HTTP (gRPC has its own), a 4xx answer
-for a streamed request refused before its first token, and one "ready" line on stderr
-with the ports (``--http-port 0`` / ``--grpc-port 0`` pick free ones).
+for a streamed request refused before its first token, one log line (not a traceback) for a
+refused gRPC request, and one "ready" line on stderr with the ports (``--http-port 0`` /
+``--grpc-port 0`` pick free ones).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import sys
 
@@ -114,6 +116,26 @@ class ProtocolGuard:
             await _send_json(send, cause.status_code, str(cause))
 
 
+class OneLineRefusals(logging.Filter):
+    """MLServer logs a refused gRPC request (a 4xx ``MLServerError``: the client's mistake, already answered
+    with its status) as an ERROR with the server's traceback; this turns it into one WARNING line. Server
+    faults (5xx and other exceptions) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite a refusal's record in place; every record is kept."""
+        error = record.exc_info[1] if record.exc_info else None
+        status = getattr(error, "status_code", 500)
+        if isinstance(error, MLServerError) and isinstance(status, int) and status < 500:
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg, record.args = f"refused a request ({status}): {error}", ()
+        return True
+
+
+GRPC_LOGGER = "mlserver.grpc"
+"""The logger MLServer's gRPC error handler writes to."""
+
+
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -160,6 +182,9 @@ async def _run(served: ServedModel, options: ServeOptions) -> None:
     if rest is None:  # pragma: no cover - another MLServer layout
         raise ServeError("this MLServer version has no REST app to guard; install mlserver 1.7")
     rest.add_middleware(ProtocolGuard, max_bytes=options.max_request_bytes)
+    grpc_logger = logging.getLogger(GRPC_LOGGER)
+    if not any(isinstance(f, OneLineRefusals) for f in grpc_logger.filters):
+        grpc_logger.addFilter(OneLineRefusals())
     announce = asyncio.ensure_future(_announce(server, served, options, [m.name for m in models]))
     try:
         await server.start(models)

@@ -34,7 +34,7 @@ def _need_serve_extra() -> None:
 
 @dataclass
 class Server:
-    """A running ``eecompile serve``: its process, ports and everything it wrote on stderr."""
+    """A running ``eecompile serve``: its process, ports and everything it wrote (stderr and stdout, in order)."""
 
     proc: subprocess.Popen
     host: str
@@ -72,13 +72,13 @@ def start_server(server_dir: Path, *args: str, timeout: float = 90.0) -> Server:
     """Start ``eecompile serve server_dir`` on free loopback ports; return once it says it is ready."""
     cmd = [sys.executable, "-m", "eecompile", "serve", str(server_dir), "--http-port", "0", "--grpc-port", "0",
            "--provider", "cpu", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # MLServer logs to stdout
     log: list[str] = []
     found: dict = {}
     ready = threading.Event()
 
     def reader() -> None:
-        for line in proc.stderr:
+        for line in proc.stdout:
             log.append(line)
             match = READY.search(line)
             if match and not ready.is_set():

@@ -167,6 +167,23 @@ def test_bad_requests_get_a_protocol_error_and_the_server_keeps_serving(bert_ser
     _still_serves(bert_server, bert_out, local)
 
 
+def test_a_refused_grpc_request_is_logged_on_one_line(bert_server, bert_out, local):
+    """MLServer would log the refusal as an ERROR with the server's traceback; it is one WARNING line."""
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    module, client = _stock_client(bert_server, "grpc")
+    with pytest.raises(InferenceServerException):
+        _stock_infer(module, client, "grpc", "bert", {"input_idz": np.zeros((1, 3), np.int64)})
+    deadline = time.monotonic() + 10
+    while not any("refused a request (400): unknown input 'input_idz'" in line for line in bert_server.log):
+        assert time.monotonic() < deadline, "".join(bert_server.log[-20:])
+        time.sleep(0.05)
+    assert not any("Traceback" in line for line in bert_server.log), "".join(bert_server.log)
+    _still_serves(bert_server, bert_out, local)
+
+
 def test_oversized_body_is_refused_on_both_protocols(bert_server, bert_out, local):
     from tritonclient.utils import InferenceServerException
 
