@@ -11,6 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from eecompile.keys import MasterKey
+
 FLOAT = TensorProto.FLOAT
 
 
@@ -91,7 +93,8 @@ def test_depthwise_conv_shares_one_monomial_basis(rng, build, lint, compile_exac
     assert space["basis"] == "monomial" and "d" in space["tensors"]
     assert space["limited_by"]["node"] == "depthwise"
     assert report.basis("x") == "invertible" and report.basis("y") == "invertible"
-    result = compile_exact(path, {"x": _f(rng, 2, 3, 5, 5)})
+    # a fixed key: a random one leaves the 4 filters in place once in 24 (the scales cancel in a depthwise fold)
+    result = compile_exact(path, {"x": _f(rng, 2, 3, 5, 5)}, key=MasterKey(bytes(range(32))))
     w, w0 = _init(result.server_model, "W1"), _init(path, "W1")
     assert not np.array_equal(w, w0)
     assert sorted(map(tuple, w.reshape(4, -1).round(5))) == sorted(map(tuple, w0.reshape(4, -1).round(5)))  # permuted
