@@ -6,6 +6,7 @@ Schema (``report.to_dict()``)::
      "spaces": [{name, size, basis, class, blocks, limited_by: {node, op_type, reason} | null,
                  lift: {kind, how} | null,   # weak/clear spaces: a re-export option, a policy, inherent ...
                  bases_log2: float | null,   # log2 of how many bases its class allows; null: a continuum
+                 groups_permuted: str | null,   # the grouped Conv whose groups move as whole blocks here
                  tensors: [str]}],
      "inputs": [{name, protection}], "outputs": [{name, protection}],
      "validity": str (which checks the model passed), "unsupported_ops": [{node, op_type, domain}],
@@ -164,6 +165,8 @@ def _space_entry(analysis: Analysis, root: int, hints: dict[int, dict] | None = 
         "limited_by": limited_by,
         "lift": _lift_with_hints(limited_by, basis, [root, *(b.space for b in blocks)], hints or {}),
         "bases_log2": bases_log2([(spaces.cls(b), spaces.size(b)) for b in blocks]),
+        "groups_permuted": next((order.node for order in analysis.group_orders
+                                 if {b.space for b in blocks} & {leaf for run in order.roots for leaf in run}), None),
         "tensors": tensors,
     }
 
@@ -383,6 +386,14 @@ def _weaknesses(analysis: Analysis, entries: list[dict]) -> list[str]:
     return out
 
 
+def _blocks_text(space: dict) -> str:
+    """`` (4 blocks)``, `` (4 blocks, moved as whole groups)``, or nothing for one block."""
+    if space["blocks"] <= 1:
+        return ""
+    moved = ", moved as whole groups" if space.get("groups_permuted") else ""
+    return f" ({space['blocks']} blocks{moved})"
+
+
 def render_text(report: dict) -> str:
     """A terminal table: one row per space, then I/O, unsupported ops and weaknesses."""
     lines = [f"eecompile lint: {report['model']}"]
@@ -392,7 +403,7 @@ def render_text(report: dict) -> str:
     lines.append(f"spaces: {len(report['spaces'])}" + (f" ({summary})" if summary else ""))
     lines.append("")
     header = ("space", "size", "basis", "limited by")
-    rows = [(s["name"], str(s["size"]) + (f" ({s['blocks']} blocks)" if s["blocks"] > 1 else ""), s["basis"],
+    rows = [(s["name"], str(s["size"]) + _blocks_text(s), s["basis"],
              "-" if not s["limited_by"] else f"{s['limited_by']['op_type']} {s['limited_by']['node']}: "
                                              f"{s['limited_by']['reason']}") for s in report["spaces"]]
     widths = [min(48, max(len(r[i]) for r in [header, *rows])) for i in range(3)]
@@ -476,7 +487,7 @@ def render_markdown(report: dict) -> str:
     for s in report["spaces"]:
         lim = "—" if not s["limited_by"] else (f"`{s['limited_by']['node']}` ({s['limited_by']['op_type']}): "
                                                f"{s['limited_by']['reason']}")
-        size = f"{s['size']}" + (f" ({s['blocks']} blocks)" if s["blocks"] > 1 else "")
+        size = f"{s['size']}" + _blocks_text(s)
         up = "—" if not s.get("lift") else f"{s['lift']['kind']}: {s['lift']['how']}"
         out.append(f"| `{s['name']}` | {size} | {s['basis']} | {lim} | {up} |")
     for side in ("inputs", "outputs"):

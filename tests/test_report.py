@@ -67,7 +67,7 @@ def test_report_schema(rng, tmp_path):
     assert report["model"] == "m.onnx"
     for space in report["spaces"]:
         assert set(space) == {"name", "size", "basis", "class", "blocks", "limited_by", "lift", "bases_log2",
-                              "tensors"}
+                              "groups_permuted", "tensors"}
         assert space["basis"] in BASIS_ORDER
         assert space["limited_by"] is None or set(space["limited_by"]) == {"node", "op_type", "reason"}
     names = [s["name"] for s in report["spaces"]]

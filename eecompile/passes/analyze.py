@@ -17,6 +17,7 @@ from eecompile.passes.annotations import IndexValues, Protected, Squares
 from eecompile.passes.context import AnalysisContext
 from eecompile.passes.graph import ModelGraph
 from eecompile.passes.shape_completion import complete_shapes
+from eecompile.passes import group_orders
 from eecompile.passes.rules import SHAPE_ONLY_OPS, PatternInstance, patterns, rule_for
 from eecompile.passes.rules.norms import GainFolds, settle_gains
 from eecompile.passes.spaces import BasisClass, Limit
@@ -49,6 +50,8 @@ class Analysis:
     state_inputs: list[str] = field(default_factory=list)
     state_outputs: list[str] = field(default_factory=list)
     gains: GainFolds = field(default_factory=GainFolds)
+    group_orders: list = field(default_factory=list)
+    """Grouped Convs whose groups the plan permutes (:mod:`~eecompile.passes.group_orders`)."""
 
 
 def analyze(mg: ModelGraph) -> Analysis:
@@ -107,6 +110,8 @@ def analyze(mg: ModelGraph) -> Analysis:
     result.state_outputs = [t.name for t in mg.graph.outputs if STATE_OUTPUT.search(t.name)]
     _tie_vocabulary(result)
     ctx.spaces.settle_permutation_groups()  # a group with a clear (or per-pair) member cannot be permuted
+    graph_io = {t.name for t in [*mg.graph.inputs, *mg.graph.outputs]}
+    result.group_orders = group_orders.settle(ctx, nodes, set(claimed), graph_io)
     return result
 
 

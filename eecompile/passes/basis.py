@@ -97,9 +97,16 @@ class Basis:
 
 @dataclass(frozen=True)
 class AxisBasis:
-    """The basis of a flat axis: a direct sum of blocks, in order."""
+    """The basis of a flat axis: a direct sum of blocks, in order, or with whole blocks moved.
+
+    Without ``order`` block ``j`` of the result is block ``j`` of the input times ``blocks[j]``. With it
+    (a permutation of the block positions; blocks it moves have equal sizes) block ``j`` of the result is
+    block ``order[j]`` of the input times ``blocks[j]``: a grouped Conv's groups permuted
+    (:mod:`~eecompile.passes.group_orders`).
+    """
 
     blocks: tuple[Basis, ...]
+    order: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
@@ -107,12 +114,25 @@ class AxisBasis:
         return sum(b.size for b in self.blocks)
 
     @property
+    def moves_blocks(self) -> bool:
+        """True when ``order`` moves a block."""
+        return self.order is not None and any(i != j for j, i in enumerate(self.order))
+
+    @property
     def is_identity(self) -> bool:
-        """True when every block is the identity."""
-        return all(b.is_identity for b in self.blocks)
+        """True when every block is the identity and none moves."""
+        return all(b.is_identity for b in self.blocks) and not self.moves_blocks
+
+    def sources(self) -> list[tuple[slice, slice, Basis]]:
+        """``(result slice, input slice, block)`` per block position."""
+        offsets = np.concatenate([[0], np.cumsum([b.size for b in self.blocks])]).astype(int)
+        order = self.order or tuple(range(len(self.blocks)))
+        return [(slice(int(offsets[j]), int(offsets[j + 1])), slice(int(offsets[i]), int(offsets[i + 1])), block)
+                for j, (i, block) in enumerate(zip(order, self.blocks))]
 
     def right(self, array: np.ndarray, axis: int = -1) -> np.ndarray:
-        """``array @ blockdiag(blocks)`` along ``axis``; a size-1 axis is broadcast first."""
+        """``array @ T`` along ``axis`` (block ``j`` of the result: block ``order[j]`` times ``blocks[j]``); a
+        size-1 axis is broadcast first."""
         array = np.asarray(array, dtype=np.float64)
         axis = axis % array.ndim
         if self.is_identity:
@@ -121,18 +141,25 @@ class AxisBasis:
             shape = list(array.shape)
             shape[axis] = self.size
             array = np.broadcast_to(array, shape)
-        parts, offset = [], 0
-        for block in self.blocks:
+        parts = []
+        for _, source, block in self.sources():
             index = [slice(None)] * array.ndim
-            index[axis] = slice(offset, offset + block.size)
+            index[axis] = source
             parts.append(block.right(array[tuple(index)], axis))
-            offset += block.size
         return np.concatenate(parts, axis=axis)
 
+    def _moved(self, blocks: tuple[Basis, ...], order: tuple[int, ...] | None) -> "AxisBasis":
+        return type(self)(blocks, order)
+
     def inverse(self) -> "AxisBasis":
-        """Blockwise inverse."""
-        return AxisBasis(tuple(b.inverse() for b in self.blocks))
+        """``T^{-1}``: block ``i`` of the result is block ``order^{-1}[i]`` times that block's inverse."""
+        if self.order is None:
+            return self._moved(tuple(b.inverse() for b in self.blocks), None)
+        back = [0] * len(self.order)
+        for j, i in enumerate(self.order):
+            back[i] = j
+        return self._moved(tuple(self.blocks[back[i]].inverse() for i in range(len(back))), tuple(back))
 
     def dual(self) -> "AxisBasis":
-        """Blockwise inverse transpose."""
-        return AxisBasis(tuple(b.dual() for b in self.blocks))
+        """``T^{-T}``: the same order, each block's inverse transpose."""
+        return self._moved(tuple(b.dual() for b in self.blocks), self.order)

@@ -211,11 +211,12 @@ class FoldContext:
     """What an op rule sees while folding: annotations and the planned bases."""
 
     def __init__(self, mg: ModelGraph, ann: dict[str, Annotation], spaces: SpaceTable,
-                 bases: dict[int, Basis]) -> None:
+                 bases: dict[int, Basis], block_orders=()) -> None:
         self.mg = mg
         self.ann = ann
         self.spaces = spaces
         self.bases = bases
+        self.block_orders: list[tuple[tuple[int, ...], np.ndarray]] = list(block_orders)
         self._dual_cache: dict[int, Basis] = {}
 
     def get(self, tensor: gs.Tensor | None) -> Annotation:
@@ -246,9 +247,17 @@ class FoldContext:
         return self._dual_cache[root.space]
 
     def axis_basis(self, prot: Protected | Iterable[Ref]) -> AxisBasis:
-        """The block-diagonal basis of a flat axis (products into one preallocated array, see :class:`FoldAxisBasis`)."""
+        """The basis of a flat axis: its blocks in order, whole blocks moved where a grouped Conv's groups are
+        permuted (products into one preallocated array, see :class:`FoldAxisBasis`)."""
+        from eecompile.passes.group_orders import orders_of
+
         refs = prot.refs if isinstance(prot, Protected) else tuple(prot)
-        return FoldAxisBasis(tuple(self.basis(r) for r in self.spaces.expand(refs)))
+        expanded = self.spaces.expand(refs)
+        blocks = tuple(self.basis(r) for r in expanded)
+        order = orders_of([r.space for r in expanded], self.block_orders) if self.block_orders else None
+        if order is None:
+            return FoldAxisBasis(blocks)
+        return FoldAxisBasis(tuple(blocks[i] for i in order), order)
 
     def head_bases(self, prot: Protected) -> list[AxisBasis]:
         """Per-head bases of a headed annotation."""
@@ -285,21 +294,11 @@ class FoldAxisBasis(AxisBasis):
         if len(self.blocks) == 1:
             return block_right(self.blocks[0], array, axis)
         out = np.empty(array.shape, np.float64)
-        offset = 0
-        for block in self.blocks:
-            index = [slice(None)] * array.ndim
-            index[axis] = slice(offset, offset + block.size)
-            block_right(block, array[tuple(index)], axis, out[tuple(index)])
-            offset += block.size
+        for target, source, block in self.sources():
+            into, read = [slice(None)] * array.ndim, [slice(None)] * array.ndim
+            into[axis], read[axis] = target, source
+            block_right(block, array[tuple(read)], axis, out[tuple(into)])
         return out
-
-    def inverse(self) -> "FoldAxisBasis":
-        """Blockwise inverse."""
-        return FoldAxisBasis(tuple(b.inverse() for b in self.blocks))
-
-    def dual(self) -> "FoldAxisBasis":
-        """Blockwise inverse transpose."""
-        return FoldAxisBasis(tuple(b.dual() for b in self.blocks))
 
 
 def dense_product(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

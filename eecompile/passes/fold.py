@@ -23,7 +23,7 @@ def fold(analysis: Analysis, plan: Plan, progress: bool | None = False) -> FoldC
     ``progress``: a bar on stderr (weights folded / total, in bytes, with an ETA); None shows it
     when stderr is a terminal.
     """
-    ctx = FoldContext(analysis.mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases)
+    ctx = FoldContext(analysis.mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases, plan.block_orders)
     claimed = {id(n) for inst in analysis.instances for n in inst.nodes}
     work: list[tuple[object, gs.Node | None, int, int]] = []  # (what folds, node, weight bytes, weight count)
     for inst in analysis.instances:

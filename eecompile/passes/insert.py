@@ -99,7 +99,7 @@ def with_gain(t: BoundaryTransform, axis: int, gain: np.ndarray, rank: int | Non
 
 def insert(analysis: Analysis, plan: Plan) -> BoundarySpec:
     """Boundary transforms for every graph input and output (outputs carry the gains folded out of the server)."""
-    ctx = FoldContext(analysis.mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases)
+    ctx = FoldContext(analysis.mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases, plan.block_orders)
     mg = analysis.mg
     inputs = [boundary_transform(t.name, ctx.get(t), ctx, t.name in analysis.state_inputs, mg.rank(t))
               for t in mg.graph.inputs]

@@ -7,7 +7,7 @@ derived from the group's name. Same key + same model ⇒ same bases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,9 +23,11 @@ SCALE_RANGE = (0.5, 2.0)
 
 @dataclass
 class Plan:
-    """Concrete bases per space root."""
+    """Concrete bases per space root, and the block permutation of each kept group order."""
 
     bases: dict[int, Basis]
+    block_orders: list[tuple[tuple[int, ...], np.ndarray]] = field(default_factory=list)
+    """``(run of class roots, π)``: block ``j`` of an axis holding the run reads its block ``π(j)``."""
 
 
 def sample_basis(key: MasterKey, name: str, perm_name: str, cls: BasisClass, size: int) -> Basis:
@@ -106,7 +108,11 @@ def plan(analysis: Analysis, key: MasterKey) -> Plan:
         for block in offending:
             for member in spaces.perm_group(Ref(block)):
                 chosen[member] = draw_basis(key, spaces, member, f"#redraw{attempt}")
-    return Plan(chosen)
+    orders = []
+    for order in analysis.group_orders:
+        perm = bases.permutation(derive_rng(key, f"groups:{order.node}"), order.groups)
+        orders.extend((run, perm) for run in order.roots)
+    return Plan(chosen, orders)
 
 
 def draw_basis(key: MasterKey, spaces: SpaceTable, root: int, suffix: str = "") -> Basis:

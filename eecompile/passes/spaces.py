@@ -174,6 +174,7 @@ class SpaceTable:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self.current: tuple[str, str] = ("", "")  # (node, op) being analysed, for split records
+        self.group_orders: list = []  # grouped Convs' offers to move whole blocks (passes/group_orders.py)
 
     # -- creation and lookup -------------------------------------------------------------
     def new(self, name: str, size: int, origin: str = "") -> Ref:

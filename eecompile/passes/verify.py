@@ -462,7 +462,7 @@ def state_transforms(analysis, plan) -> dict:
     from eecompile.passes.insert import boundary_transform
 
     mg = analysis.mg
-    ctx = FoldContext(mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases)
+    ctx = FoldContext(mg, analysis.ctx.ann, analysis.ctx.spaces, plan.bases, plan.block_orders)
     state = set(analysis.state_inputs) | set(analysis.state_outputs)
     out = {}
     for t in [*mg.graph.inputs, *mg.graph.outputs]:

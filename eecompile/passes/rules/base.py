@@ -27,6 +27,12 @@ class OpRule:
         """Annotation for graph input ``node.inputs[index]`` (default: clear)."""
         return None
 
+    def keeps_block_order(self, node: gs.Node, ctx: AnalysisContext) -> bool:
+        """Whether ``fold`` is right when a tensor of ``node`` has whole blocks moved in its basis (a grouped
+        Conv's groups permuted, :mod:`~eecompile.passes.group_orders`): it folds only through whole-axis
+        ``AxisBasis`` products, or folds nothing. Default: no."""
+        return False
+
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         """Propagate annotations through ``node`` and record constraints."""
         raise NotImplementedError

@@ -58,6 +58,10 @@ class UnaryRule(OpRule):
 
     op_types = tuple(UNARY_CLASSES)
 
+    def keeps_block_order(self, node: gs.Node, ctx: AnalysisContext) -> bool:
+        """Nothing to fold."""
+        return True
+
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
         for extra in node.outputs[1:]:
@@ -124,6 +128,11 @@ class BinaryRule(OpRule):
     """Add, Sub, Mul, Div, Pow."""
 
     op_types = ("Add", "Sub", "Mul", "Div", "Pow")
+
+    def keeps_block_order(self, node: gs.Node, ctx: AnalysisContext) -> bool:
+        """A sum or product of two protected activations folds nothing; a constant operand is folded block
+        by block."""
+        return all(ctx.get(t) is not None for t in node.inputs[:2])
 
     def bind_input(self, node: gs.Node, index: int, ctx: AnalysisContext) -> Annotation:
         other = ctx.get(node.inputs[1 - index])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from eecompile.passes import constant_views
+from eecompile.passes import constant_views, group_orders
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.basis import AxisBasis
 from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis, fold_matrix
@@ -224,9 +224,22 @@ class ConvRule(OpRule):
                                    "would fold into its input")
             ctx.set(y, self._grouped_output(node, ctx, groups, b))
         else:
+            out = self._grouped_output(node, ctx, groups, b)
             if x is not None:
                 ctx.spaces.refine(x.refs, [a * (k + 1) for k in range(groups)])
-            ctx.set(y, self._grouped_output(node, ctx, groups, b))
+                inputs = ctx.spaces.expand(x.refs)
+                if len(inputs) == groups:  # whole groups may be permuted where every op on them allows it
+                    group_orders.offer(ctx, node, [inputs, ctx.spaces.expand(out.refs)])
+            ctx.set(y, out)
+
+    def keeps_block_order(self, node: gs.Node, ctx: AnalysisContext) -> bool:
+        """Every Conv but a depthwise one (whose filters move with a monomial basis) folds through whole-axis
+        products, a grouped one group by group in the moved order."""
+        weight = ctx.const_shape(node.inputs[1])
+        if weight is None or len(weight) < 3:
+            return False
+        groups, a, _ = self._groups(node, weight)
+        return groups == 1 or a > 1
 
     @staticmethod
     def _grouped_output(node: gs.Node, ctx: AnalysisContext, groups: int, width: int) -> Protected:
@@ -249,15 +262,13 @@ class ConvRule(OpRule):
             out_basis = ctx.axis_basis(y) if isinstance(y, Protected) else None
             in_basis = ctx.axis_basis(x).dual() if isinstance(x, Protected) and x.axis == 1 else None
             out_basis, in_basis = (None if b is None or b.is_identity else b for b in (out_basis, in_basis))
-            parts = []
-            for g in range(groups):
-                part = w[g * b:(g + 1) * b]
+            if groups == 1:
                 if out_basis is not None:
-                    part = _sub_basis(out_basis, g * b, (g + 1) * b).right(part, 0)
+                    w = out_basis.right(w, 0)
                 if in_basis is not None:
-                    part = _sub_basis(in_basis, g * a, (g + 1) * a).right(part, 1)
-                parts.append(part)
-            w = np.concatenate(parts, axis=0)
+                    w = in_basis.right(w, 1)
+            else:
+                w = _fold_groups(w, groups, a, b, in_basis, out_basis)
         ctx.set_const(node, 1, w)
         if isinstance(y, Protected) and len(node.inputs) > 2 and ctx.const(node.inputs[2]) is not None:
             ctx.set_const(node, 2, ctx.axis_basis(y).right(ctx.const(node.inputs[2]), 0))
@@ -315,15 +326,50 @@ def _fold_constant_partner(node: gs.Node, ctx: FoldContext) -> None:
     ctx.set_const(view.reader, view.index, value)
 
 
-def _sub_basis(basis: AxisBasis, lo: int, hi: int) -> AxisBasis:
-    """The blocks of ``basis`` covering coordinates ``[lo, hi)`` (a block may not cross either bound)."""
-    kept, offset = [], 0
-    for block in basis.blocks:
-        if lo <= offset and offset + block.size <= hi:
-            kept.append(block)
-        elif offset < hi and offset + block.size > lo:
-            raise ValueError(f"a basis block crosses the group boundary [{lo}, {hi})")
-        offset += block.size
+def _fold_groups(w: np.ndarray, groups: int, a: int, b: int, in_basis: AxisBasis | None,
+                 out_basis: AxisBasis | None) -> np.ndarray:
+    """A grouped Conv's filters ``[groups·b, a, *kernel]`` in the planned bases. With the groups permuted
+    (both bases move whole blocks by one ``π``), group ``j`` of the result is group ``π(j)``'s filters in the
+    bases of position ``j``; otherwise each group in its own blocks."""
+    moved = [basis for basis in (in_basis, out_basis) if basis is not None and basis.moves_blocks]
+    if moved:
+        group_of = _group_sources(in_basis, a, groups) if in_basis is not None else None
+        out_of = _group_sources(out_basis, b, groups) if out_basis is not None else None
+        if group_of is not None and out_of is not None and group_of != out_of:
+            raise ValueError("a grouped Conv's input and output groups are moved differently")
+        sources = group_of or out_of
+    else:
+        sources = list(range(groups))
+    parts = []
+    for j, g in enumerate(sources):
+        part = w[g * b:(g + 1) * b]
+        if out_basis is not None:
+            part = _position_basis(out_basis, j, b).right(part, 0)
+        if in_basis is not None:
+            part = _position_basis(in_basis, j, a).right(part, 1)
+        parts.append(part)
+    return np.concatenate(parts, axis=0)
+
+
+def _group_sources(basis: AxisBasis, width: int, groups: int) -> list[int]:
+    """For each group position of the result, the group of the input it reads (blocks of ``width``)."""
+    found = []
+    for j in range(groups):
+        lo = j * width
+        pieces = [(target, source) for target, source, _ in basis.sources() if lo <= target.start < lo + width]
+        starts = {source.start - target.start + lo for target, source in pieces}
+        if len(starts) != 1 or next(iter(starts)) % width:
+            raise ValueError("a basis block crosses a Conv group boundary")
+        found.append(next(iter(starts)) // width)
+    return found
+
+
+def _position_basis(basis: AxisBasis, position: int, width: int) -> AxisBasis:
+    """The blocks of ``basis`` that write group position ``position`` (``width`` coordinates), in place."""
+    lo, hi = position * width, (position + 1) * width
+    kept = [block for target, _, block in basis.sources() if lo <= target.start and target.stop <= hi]
+    if sum(block.size for block in kept) != width:
+        raise ValueError(f"a basis block crosses the group boundary [{lo}, {hi})")
     return AxisBasis(tuple(kept))
 
 

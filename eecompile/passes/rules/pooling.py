@@ -23,6 +23,10 @@ class PoolRule(OpRule):
 
     op_types = tuple(_CLASSES)
 
+    def keeps_block_order(self, node: gs.Node, ctx: AnalysisContext) -> bool:
+        """Nothing to fold."""
+        return True
+
     def analyze(self, node: gs.Node, ctx: AnalysisContext) -> None:
         x = ctx.get(node.inputs[0])
         for extra in node.outputs[1:]:

@@ -318,3 +318,90 @@ def test_gram_matrix_forces_an_orthogonal_basis(rng, build, lint, compile_exact)
     assert report.protection("outputs", "gram") == "clear"  # the scores of a product of activations
     result = compile_exact(path, {"x": _f(rng, 2, 3, 4)})
     assert not np.allclose(_init(result.server_model, "W1"), _init(path, "W1"))
+
+
+def _resnext_block(build, rng, out_of_grouped: bool = False):
+    """Conv 1x1 -> Relu -> grouped Conv 3x3 (4 groups of 2) -> Relu -> Conv 1x1, as ResNeXt has it."""
+    outputs = [("y", FLOAT, ["B", 3, 4, 4])] + ([("r2", FLOAT, ["B", 8, 4, 4])] if out_of_grouped else [])
+    return build([helper.make_node("Conv", ["x", "W0", "b0"], ["h"], name="reduce"),
+                  helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+                  helper.make_node("Conv", ["r", "W1", "b1"], ["g"], name="grouped", group=4, pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["g"], ["r2"], name="relu2"),
+                  helper.make_node("Conv", ["r2", "W2"], ["y"], name="expand")],
+                 [("x", FLOAT, ["B", 3, 4, 4])], outputs,
+                 {"W0": _f(rng, 8, 3, 1, 1), "b0": _f(rng, 8), "W1": _f(rng, 8, 2, 3, 3), "b1": _f(rng, 8),
+                  "W2": _f(rng, 3, 8, 1, 1)})
+
+
+def test_grouped_conv_groups_are_permuted_as_whole_blocks(rng, build, lint, compile_exact):
+    """Where only Convs, activations and pooling touch the groups, the plan moves whole groups: input and
+    output blocks by one permutation, the filters of group π(j) becoming group j."""
+    from eecompile.passes.analyze import analyze
+    from eecompile.passes.graph import ModelGraph, infer_shapes, load_model
+    from eecompile.passes.normalize import normalize
+    from eecompile.passes.plan import plan
+
+    path = _resnext_block(build, rng)
+    report = lint(path)
+    for tensor in ("r", "r2"):
+        space = report.space(tensor)
+        assert space["blocks"] == 4 and space["groups_permuted"] == "grouped", space
+    mg = ModelGraph(load_model(path), path.parent)
+    normalize(mg)
+    analysis = analyze(ModelGraph(infer_shapes(mg.export())))
+    moved = 0
+    for i in range(6):
+        key = MasterKey(bytes([i]) * 32)
+        orders = plan(analysis, key).block_orders
+        assert len(orders) == 2 and np.array_equal(orders[0][1], orders[1][1])  # input and output move alike
+        moved += not np.array_equal(orders[0][1], np.arange(4))
+        compile_exact(path, [{"x": _f(rng, 2, 3, 4, 4)}, {"x": _f(rng, 1, 3, 4, 4)}], key=key)
+    assert moved >= 4  # identity once in 24 keys: these keys exercise moved groups
+
+
+def test_grouped_conv_groups_stay_in_place_where_the_client_sees_them(rng, build, lint, compile_exact):
+    """A graph output carries the grouped Conv's blocks: the client moves no blocks, so the groups stay."""
+    path = _resnext_block(build, rng, out_of_grouped=True)
+    space = lint(path).space("r2")
+    assert space["blocks"] == 4 and space["groups_permuted"] is None
+    compile_exact(path, {"x": _f(rng, 2, 3, 4, 4)})
+
+
+def _resnext_module():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        """ResNeXt's bottleneck without BatchNorm (folded into the convs at export): reduce, grouped 3x3,
+        expand, the residual sum, a pooled head."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.reduce = nn.Conv2d(8, 8, 1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+            self.expand = nn.Conv2d(8, 8, 1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            g = torch.relu(self.grouped(torch.relu(self.reduce(h))))
+            h = torch.relu(h + self.expand(g))
+            return self.head(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return Block()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_resnext_block_export_permutes_its_groups(exporter, rng, torch_export, lint, compile_exact):
+    import torch
+
+    path = torch_export(_resnext_module(), (torch.randn(2, 3, 6, 6),), exporter, ["x"], ["y"])
+    report = lint(path)
+    assert not report["unsupported_ops"] and not [s for s in report["spaces"] if s["basis"] == "clear"]
+    grouped = [s for s in report["spaces"] if s["blocks"] == 4]
+    assert len(grouped) == 2 and all(s["groups_permuted"] for s in grouped), grouped
+    for i in range(3):
+        result = compile_exact(path, {"x": _f(rng, 2, 3, 6, 6)}, key=MasterKey(bytes([40 + i]) * 32))
+        assert result.report["exposure"]["intermediates_exposed"] == 0
