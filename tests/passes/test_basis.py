@@ -149,3 +149,33 @@ def test_axis_basis_identity(rng):
     x = rng.standard_normal((4, 5))
     np.testing.assert_array_equal(ab.right(x), x)
     assert not AxisBasis((Basis.identity(2), Basis.monomial(np.array([1, 0])))).is_identity
+
+
+def test_axis_basis_with_moved_blocks_matches_its_matrix():
+    """Block j of the result is block order[j] of the input times blocks[j]; inverse and dual agree with the
+    dense matrix, FoldAxisBasis computes the same products."""
+    from eecompile.passes.context import FoldAxisBasis
+
+    rng = np.random.default_rng(3)
+    blocks = tuple(Basis(2, dense=rng.standard_normal((2, 2)) + 2 * np.eye(2)) for _ in range(3)) + (Basis(3),)
+    order = (2, 0, 1, 3)
+    for cls in (AxisBasis, FoldAxisBasis):
+        basis = cls(blocks, order)
+        assert basis.moves_blocks and not basis.is_identity
+        T = basis.right(np.eye(9), 1)
+        x = rng.standard_normal((4, 9))
+        y = basis.right(x, 1)
+        np.testing.assert_allclose(y[:, 0:2], x[:, 4:6] @ blocks[0].dense)  # block 0 reads input block 2
+        np.testing.assert_allclose(y, x @ T)
+        np.testing.assert_allclose(basis.inverse().right(np.eye(9), 1), np.linalg.inv(T), atol=1e-12)
+        np.testing.assert_allclose(basis.dual().right(np.eye(9), 1), np.linalg.inv(T).T, atol=1e-12)
+        assert type(basis.inverse()) is cls and type(basis.dual()) is cls
+    assert not AxisBasis(blocks, (0, 1, 2, 3)).moves_blocks
+
+
+def test_orders_of_moves_each_kept_run_where_it_lies():
+    from eecompile.passes.group_orders import orders_of
+
+    kept = [((5, 6, 7), np.array([1, 2, 0]))]
+    assert orders_of([9, 5, 6, 7], kept) == (0, 2, 3, 1)
+    assert orders_of([5, 7, 6], kept) is None  # not the run in order: nothing moves
