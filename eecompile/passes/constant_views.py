@@ -57,12 +57,16 @@ def constant_view(tensor: gs.Tensor, consumer: gs.Node, const_shape: Callable[[g
     unknown: the axis then counts as repeated); ``const`` the values of small constant inputs (Unsqueeze
     axes of opset 13+).
     """
+    return _view(tensor, consumer, const_shape, rank, repeats, const, 0)
+
+
+def _view(tensor: gs.Tensor, consumer: gs.Node, const_shape, rank, repeats, const, depth: int) -> ConstantView | None:
     if not _read_only_by(tensor, consumer):
         return None
     shape = const_shape(tensor)
     if isinstance(tensor, gs.Constant) and shape is not None:
         return ConstantView(consumer, consumer.inputs.index(tensor), tuple(ViewAxis(a) for a in range(len(shape))))
-    return _follow(tensor, const_shape, rank, repeats, const, 0)
+    return _follow(tensor, const_shape, rank, repeats, const, depth)
 
 
 def _read_only_by(tensor: gs.Tensor, consumer: gs.Node) -> bool:
@@ -74,9 +78,7 @@ def _follow(tensor: gs.Tensor, const_shape, rank, repeats, const, depth: int) ->
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     if producer is None or depth > _MAX_DEPTH or not producer.inputs:
         return None
-    source = producer.inputs[0]
-    inner = constant_view(source, producer, const_shape, rank, repeats, const) if _read_only_by(source, producer) \
-        else None
+    inner = _view(producer.inputs[0], producer, const_shape, rank, repeats, const, depth + 1)
     if inner is None:
         return None
     axes = list(inner.axes)

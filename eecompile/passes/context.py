@@ -11,6 +11,7 @@ from eecompile.passes import dims
 from eecompile.passes.annotations import Annotation, IndexValues, Protected, Squares
 from eecompile.passes.basis import AxisBasis, Basis
 from eecompile.passes.graph import ModelGraph
+from eecompile.passes.group_orders import orders_of
 from eecompile.passes.precision import BFLOAT16, numpy_dtype, store_as
 from eecompile.passes.spaces import BasisClass, Limit, Ref, SpaceTable
 
@@ -249,8 +250,6 @@ class FoldContext:
     def axis_basis(self, prot: Protected | Iterable[Ref]) -> AxisBasis:
         """The basis of a flat axis: its blocks in order, whole blocks moved where a grouped Conv's groups are
         permuted (products into one preallocated array, see :class:`FoldAxisBasis`)."""
-        from eecompile.passes.group_orders import orders_of
-
         refs = prot.refs if isinstance(prot, Protected) else tuple(prot)
         expanded = self.spaces.expand(refs)
         blocks = tuple(self.basis(r) for r in expanded)

@@ -101,8 +101,7 @@ def plan(analysis: Analysis, key: MasterKey) -> Plan:
     for root in spaces.roots():
         chosen[root] = draw_basis(key, spaces, root, "")
     for attempt in range(1, MAX_REDRAWS + 1):
-        offending = [block for block in map(lambda top: _movable_block(spaces, chosen, top), spaces.top_roots())
-                     if block is not None]
+        offending = [b for b in (_movable_block(spaces, chosen, top) for top in spaces.top_roots()) if b is not None]
         if not offending:
             break
         for block in offending:
@@ -129,9 +128,9 @@ def _movable_block(spaces: SpaceTable, chosen: dict[int, Basis], top: int) -> in
     protected = [b for b in blocks if spaces.leaves[b].cls != BasisClass.CLEAR]
     if not protected or not all(leaves_coordinates_in_place(chosen[b]) for b in protected):
         return None
-    return next((b for b in protected if spaces.leaves[b].cls in PERMUTING and spaces.leaves[b].size > 1
-                 or spaces.leaves[b].cls in (BasisClass.SIGNED_PERMUTATION, BasisClass.MONOMIAL,
-                                             BasisClass.POSITIVE_MONOMIAL)), None)
+    # a permuting class can move but for a one-coordinate permutation (signs and scales move even that one)
+    return next((b for b in protected if spaces.leaves[b].cls in PERMUTING
+                 and (spaces.leaves[b].size > 1 or spaces.leaves[b].cls != BasisClass.PERMUTATION)), None)
 
 
 def describe(cls: BasisClass, split: bool = False) -> str:

@@ -600,9 +600,7 @@ def verify_equivalence(original: str | Path, server: str | Path, client, seeds=(
     chainable = steps_done is not None and all(isinstance(step, tuple) for _, _, step in runs)
     if chainable:  # the decode steps in the prefill's pass, each fed the server's own (encrypted) cache
         ciphers = [_without(client.encrypt(step[0]), [past for past, _ in step[1]]) for _, _, step in runs]
-        links = [{} for _ in prefills] + [{past: (i, present) for past, present in step[1]}
-                                          for i, (_, _, step) in enumerate(runs)]
-        outs = _run_encrypted(enc, names, prefills + ciphers, links)
+        outs = _run_encrypted(enc, names, prefills + ciphers, _cache_links([step for _, _, step in runs]))
         gots, step_gots = outs[:len(prefills)], outs[len(prefills):]
     else:
         gots = _run_encrypted(enc, names, prefills)
@@ -761,8 +759,9 @@ def _predicted_steps(ref, client, plans, index_sizes) -> list | None:
     """Each plan's decode step built before its prefill runs, from the cache shapes the prefill will give
     (the ``past`` axis grown by the new tokens), so that one pass runs both (:func:`_cache_links`).
 
-    Returns ``[step feeds, cache pairs, the original's step feeds without the cache]`` per plan, or None when
-    a shape cannot be predicted or a step cannot be built (the steps then get their own pass)."""
+    Returns ``[step feeds, cache pairs, the original's step feeds without the cache, predicted present*]`` per
+    plan, or None when a shape cannot be predicted or a step cannot be built (the steps then get their own
+    pass)."""
     pairs = state_pairs(client.state_inputs, client.state_outputs)
     if not pairs or len(pairs) != len(client.state_inputs):
         return None
@@ -787,10 +786,10 @@ def _predicted_steps(ref, client, plans, index_sizes) -> list | None:
     return steps
 
 
-def _cache_links(chained: list) -> list[dict[str, tuple[int, str]]]:
-    """For a run of ``n`` prefills then their ``n`` steps: step ``i``'s cache is prefill ``i``'s ``present*``."""
-    n = len(chained)
-    return [{} for _ in range(n)] + [{past: (i, present) for past, present in c[1]} for i, c in enumerate(chained)]
+def _cache_links(steps: list) -> list[dict[str, tuple[int, str]]]:
+    """For a run of ``n`` prefills then their ``n`` steps (each with its cache pairs second): step ``i``'s cache
+    is prefill ``i``'s ``present*``."""
+    return [{} for _ in steps] + [{past: (i, present) for past, present in step[1]} for i, step in enumerate(steps)]
 
 
 def _chained_steps(chained: list, expected_list: list[dict], outs: list, names: list[str]) -> list | None:

@@ -67,3 +67,11 @@ def test_shape_reads_do_not_count():
 def test_an_op_that_changes_values_ends_the_view():
     tensor, reader, shape, rank = _chain(("Relu", {}, [], 3))
     assert constant_view(tensor, reader, shape, rank) is None
+
+
+def test_a_chain_longer_than_the_bound_is_not_followed():
+    from eecompile.passes.constant_views import _MAX_DEPTH
+
+    short = _chain(*[("Identity", {}, [], 3)] * _MAX_DEPTH)
+    assert constant_view(*short) is not None
+    assert constant_view(*_chain(*[("Identity", {}, [], 3)] * (_MAX_DEPTH + 2))) is None
