@@ -247,12 +247,11 @@ def _compact(constants: list[gs.Constant], data_path: Path) -> None:
     dead |= data_path.stat().st_size - end >= ALIGN
     if not dead:
         return
-    fresh = TensorStore(None)
     temp = data_path.with_name(data_path.name + ".compact")
-    fresh.open_final(temp, DATA_FILE)
-    for _, c in live:
-        c._values = fresh.append_final(c.name, c._values.load())
-    fresh.close()
+    with TensorStore(None) as fresh:
+        fresh.open_final(temp, DATA_FILE)
+        for _, c in live:
+            c._values = fresh.append_final(c.name, c._values.load())
     with staging.writing(data_path):
         os.replace(temp, data_path)
     for _, c in live:
@@ -305,10 +304,10 @@ def compile_model(model_path: str | Path, key: MasterKey | str | Path, out_dir: 
 def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: bool,
                   verify_feeds: list[dict] | None, verify_shapes: dict[str, int] | None = None,
                   options: CompileOptions = CompileOptions(), progress: bool | None = None) -> CompileResult:
-    with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work, FrozenHeap() as heap:
+    with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work, FrozenHeap() as heap, \
+            TensorStore(work.path / "scratch.bin") as store:  # a failed compile drops the writes still queued
         scratch = work.path / "scratch.bin"
         new = work.path / staging.NEW
-        store = TensorStore(scratch)
         with _phase("analyse"):
             mg, analysis, normalized = _analysed(model_path, store, options)
         heap.freeze()  # the graph and analysis live to the end: collections after this skip them

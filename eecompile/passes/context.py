@@ -332,16 +332,56 @@ FOLD_CHUNK_BYTES = 64 << 20
 """Largest float64 chunk of a weight :func:`fold_matrix` works on at once."""
 
 
+class FoldScratch:
+    """float64 work buffers of :func:`fold_matrix`, kept from one weight's fold to the next.
+
+    A fresh buffer of a chunk's size is new memory: the kernel maps and zeroes its pages on first touch,
+    which costs a third to a half of the product written into it on this class of machine. Within
+    ``with FoldScratch():`` (the fold pass) each slot keeps one buffer, grown to the largest chunk asked
+    for (at most :data:`FOLD_CHUNK_BYTES` per slot for chunked folds) and dropped on exit; outside it every
+    request is a fresh array.
+    """
+
+    active: "FoldScratch | None" = None
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def __enter__(self) -> "FoldScratch":
+        self._outer, FoldScratch.active = FoldScratch.active, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        FoldScratch.active = self._outer
+        self._buffers.clear()
+
+    def get(self, slot: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 array of ``shape`` backed by ``slot``'s buffer (its previous contents are dead)."""
+        count = int(np.prod(shape, dtype=np.int64))
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.size < count:
+            buffer = self._buffers[slot] = np.empty(count, np.float64)
+        return buffer[:count].reshape(shape)
+
+
+def _work(slot: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 work array for ``slot``: the active :class:`FoldScratch`'s buffer, else a new array."""
+    pool = FoldScratch.active
+    return pool.get(slot, shape) if pool is not None else np.empty(shape, np.float64)
+
+
 def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBasis | Basis | None,
                 dtype=None, chunk_bytes: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """``R^T · W · C`` for a 2-D weight: ``rows`` contracts axis 0 and ``cols`` axis 1 (as ``rows.right(W, 0)``
     then ``cols.right(·, 1)``), None or the identity leaving that axis alone.
 
     The products are float64, done on chunks of at most ``chunk_bytes`` of output rows (or of output columns,
-    when only the rows mix: a wide LM head), a dense row block accumulated over chunks of its input rows, and
-    each chunk is rounded straight into one result of ``dtype`` (the weight's by default; ``out`` when given).
-    So a fold holds the weight, its result and a few chunks (``chunk_bytes``, default
-    :data:`FOLD_CHUNK_BYTES`), never a float64 copy of either.
+    when only the rows mix: a wide LM head, an MLP's up projection), a dense row block accumulated over chunks
+    of its input rows; a transposed weight (the view a deferred Transpose reads) is folded as ``C^T W^T R``
+    in its own memory order. Each chunk is rounded straight into one result of ``dtype`` (the weight's by
+    default; ``out`` when given). So a fold holds the weight, its result and a few chunks (``chunk_bytes``,
+    default :data:`FOLD_CHUNK_BYTES`; reused across folds inside a :class:`FoldScratch`), never a float64
+    copy of either.
     """
     chunk_bytes = FOLD_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     weight = np.asarray(weight)
@@ -354,39 +394,104 @@ def fold_matrix(weight: np.ndarray, rows: AxisBasis | Basis | None, cols: AxisBa
                          f"{weight.shape}")
     if out is None:
         out = np.empty(weight.shape, np.dtype(dtype) if dtype is not None else weight.dtype)
-    if rows is not None and cols is not None and any(b.dense is not None for b in rows.blocks) \
-            and all(b.dense is None for b in cols.blocks):
-        fold_matrix(weight.T, cols, rows, chunk_bytes=chunk_bytes, out=out.T)  # column chunks: no accumulation
+    if not weight.flags.c_contiguous and weight.T.flags.c_contiguous:  # a transposed view (a deferred Transpose):
+        fold_matrix(weight.T, cols, rows, chunk_bytes=chunk_bytes, out=out.T)  # read it in its memory order
         return out
+    if rows is not None and any(b.dense is not None for b in rows.blocks) \
+            and (cols is None or all(b.dense is None for b in cols.blocks)):
+        return _fold_column_chunks(weight, rows, cols, out, chunk_bytes)
     step = max(1, int(chunk_bytes) // (8 * max(n_cols, 1)))
     for start, pieces in _row_chunks(rows, n_rows, step):
         stop = pieces[-1][0] + pieces[-1][3]
-        chunk = np.empty((stop - start, n_cols), np.float64)
+        chunk = _work("chunk", (stop - start, n_cols))
         for offset, size, c0, c1, dense, index, scale in pieces:  # output rows offset+c0 : offset+c1
             target = chunk[offset + c0 - start:offset + c1 - start]
             source = weight[offset:offset + size]
             if dense is not None and c1 - c0 == size and size <= step:
-                dense_product(dense.T, source.astype(np.float64), target)
+                dense_product(dense.T, _widened(source), target)
             elif dense is not None:  # a slice of a large block: accumulated over its input rows
                 target[...] = 0.0
                 for k0 in range(0, size, step):
                     k1 = min(k0 + step, size)
-                    target += dense_product(dense[k0:k1, c0:c1].T, source[k0:k1].astype(np.float64))
+                    target += dense_product(dense[k0:k1, c0:c1].T, _widened(source[k0:k1]))
             else:
                 target[...] = source[index[c0:c1] if index is not None else slice(c0, c1)]
                 if scale is not None:
                     target *= scale[c0:c1, None]
         if cols is not None:
             chunk = _cols_product(cols, chunk)
-        out[start:stop] = chunk if out.dtype != BFLOAT16 else store_as(chunk, BFLOAT16)  # one rounding
+        _store(out[start:stop], chunk)
+    return out
+
+
+STORE_ROWS = 16
+"""Rows of a chunk written at a time into a result whose rows are strided (a transposed result)."""
+
+
+def _store(target: np.ndarray, chunk: np.ndarray) -> None:
+    """``target[...] = chunk``, rounded once to the target's dtype. A target whose last axis is strided (the
+    transpose of a C-order result) is written :data:`STORE_ROWS` rows at a time, so that every row of the
+    result receives whole cache lines rather than one element per line."""
+    if target.dtype == BFLOAT16:
+        chunk = store_as(chunk, BFLOAT16)
+    if target.ndim != 2 or target.strides[-1] == target.itemsize or target.shape[0] <= STORE_ROWS:
+        target[...] = chunk
+        return
+    for i in range(0, target.shape[0], STORE_ROWS):
+        target[i:i + STORE_ROWS] = chunk[i:i + STORE_ROWS]
+
+
+def _widened(source: np.ndarray) -> np.ndarray:
+    """``source`` as float64, in the ``source`` work buffer (no new memory inside a :class:`FoldScratch`)."""
+    if source.dtype == np.float64:
+        return source
+    wide = _work("source", source.shape)
+    wide[...] = source
+    return wide
+
+
+def _fold_column_chunks(weight: np.ndarray, rows: FoldAxisBasis, cols: FoldAxisBasis | None, out: np.ndarray,
+                        chunk_bytes: int) -> np.ndarray:
+    """``R^T · W · C`` for ``cols`` without dense blocks (a gather and a scale), chunk by chunk of output columns.
+
+    Each chunk gathers its columns of the weight (C order, contiguous rows), multiplies the dense row blocks
+    over the whole input row range (so nothing is accumulated) and is rounded into its columns of ``out``.
+    """
+    n_rows, n_cols = weight.shape
+    step = max(1, int(chunk_bytes) // (8 * max(n_rows, 1)))
+    column_runs = list(_row_runs(cols, n_cols))
+    for start in range(0, n_cols, step):
+        stop = min(start + step, n_cols)
+        chunk = _work("chunk", (n_rows, stop - start))
+        for offset, size, _, index, scale in column_runs:  # output columns offset : offset + size
+            lo, hi = max(start, offset), min(stop, offset + size)
+            if lo >= hi:
+                continue
+            target = chunk[:, lo - start:hi - start]
+            if index is None:
+                target[...] = weight[:, lo:hi]
+            else:
+                target[...] = np.take(weight, index[lo - offset:hi - offset] + offset, axis=1)
+            if scale is not None:
+                target *= scale[lo - offset:hi - offset]
+        result = _work("result", chunk.shape)
+        for offset, size, dense, index, scale in _row_runs(rows, n_rows):
+            source, target = chunk[offset:offset + size], result[offset:offset + size]
+            if dense is not None:
+                dense_product(dense.T, source, target)
+            else:
+                target[...] = source[index] if index is not None else source
+                if scale is not None:
+                    target *= scale[:, None]
+        _store(out[:, start:stop], result)
     return out
 
 
 def _cols_product(cols: AxisBasis, chunk: np.ndarray) -> np.ndarray:
-    """``chunk @ blockdiag(cols)`` (float64) into a new array, the blocks written in place: a run of equal-size
-    dense blocks (attention heads) as one batched product over strided views, a large block as one product,
-    monomial blocks as a gather and a scale; no slice copies and no concatenation."""
-    result = np.empty(chunk.shape, np.float64)
+    """``chunk @ blockdiag(cols)`` (float64) into a work array (:func:`_work`), the blocks written in place: a
+    run of equal-size dense blocks (attention heads) as one batched product over strided views, a large block
+    as one product, monomial blocks as a gather and a scale; no slice copies and no concatenation."""
+    result = _work("result", chunk.shape)
     rows = chunk.shape[0]
     blocks, offset, i = list(cols.blocks), 0, 0
     while i < len(blocks):

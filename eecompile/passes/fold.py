@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.analyze import Analysis
-from eecompile.passes.context import FoldContext
+from eecompile.passes.context import FoldContext, FoldScratch
 from eecompile.passes.plan import Plan
 from eecompile.passes.rules import rule_for
 
@@ -38,15 +38,16 @@ def fold(analysis: Analysis, plan: Plan, progress: bool | None = False) -> FoldC
             work.append((rule, node, size, count))
     bar = _bar(progress, sum(w[2] for w in work), sum(w[3] for w in work))
     done = 0
-    for what, node, size, count in work:
-        if node is None:
-            what.fold(ctx)
-        else:
-            what.fold(node, ctx)
-        if bar is not None:
-            done += count
-            bar.set_postfix_str(f"{done} tensors", refresh=False)
-            bar.update(size)
+    with FoldScratch():  # the products' work buffers are reused from one weight to the next
+        for what, node, size, count in work:
+            if node is None:
+                what.fold(ctx)
+            else:
+                what.fold(node, ctx)
+            if bar is not None:
+                done += count
+                bar.set_postfix_str(f"{done} tensors", refresh=False)
+                bar.update(size)
     if bar is not None:
         bar.close()
     return ctx

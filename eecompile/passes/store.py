@@ -9,6 +9,8 @@ live tensors, one at a time, into the server's ``model.onnx.data``.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,10 @@ class FileValues(LazyValues):
         super().__init__(proto)
 
     def load(self) -> np.ndarray:
-        """Read the array from its file."""
+        """Read the array from its file (after the writes queued for that file have landed)."""
+        pending = _APPENDERS.get(self.path)
+        if pending is not None:
+            pending.drain()
         count = int(np.prod(self.shape, dtype=np.int64))
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
@@ -192,6 +197,9 @@ class TensorStore:
 
     def open_final(self, path: str | Path, location: str) -> None:
         """Write every tensor stored from now on into ``path`` (referenced as ``location`` in the model)."""
+        if self._final_handle is not None and self._final_handle.path != Path(path):
+            appender, self._final_handle = self._final_handle, None
+            appender.close()
         self.final, self.final_location = Path(path), location
 
     def put(self, name: str, array: np.ndarray):
@@ -213,33 +221,143 @@ class TensorStore:
         return FileValues(self.scratch, offset, array.shape, array.dtype, name)
 
     def append_final(self, name: str, array: np.ndarray) -> "FileValues":
-        """Append ``array`` to the final data file (offset aligned to :data:`ALIGN` for large tensors)."""
+        """Append ``array`` to the final data file (offset aligned to :data:`ALIGN` for large tensors).
+
+        The bytes are written by a background thread (:class:`Appender`) while the caller goes on folding;
+        ``array`` must not change afterwards. Reading the tensor back (:meth:`FileValues.load`) or
+        :meth:`close` waits for the write.
+        """
         from eecompile.staging import writing
 
+        array = np.asarray(array, order="C")
         with writing(self.final):
             if self._final_handle is None:
-                self.final.parent.mkdir(parents=True, exist_ok=True)
-                self._final_handle = open(self.final, "ab")
-            offset = self._final_handle.seek(0, os.SEEK_END)
-            if array.nbytes >= ALIGN_ABOVE and offset % ALIGN:
-                self._final_handle.write(b"\0" * (ALIGN - offset % ALIGN))
-                offset = self._final_handle.tell()
-            _write(self._final_handle, array)
+                self._final_handle = Appender(self.final)
+            offset = self._final_handle.append(array, aligned=array.nbytes >= ALIGN_ABOVE)
         self.bytes_written += array.nbytes
         return FileValues(self.final, offset, array.shape, array.dtype, name, location=self.final_location)
 
-    def close(self) -> None:
-        """Close the scratch and final files (their values stay readable)."""
-        for attr in ("_handle", "_final_handle"):
-            handle = getattr(self, attr)
-            if handle is not None:
-                handle.close()
-                setattr(self, attr, None)
+    def close(self, discard: bool = False) -> None:
+        """Close the scratch and final files (their values stay readable); the final file's queued writes are
+        waited for (``discard``: dropped, for a compile that failed and whose files go away)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.close()
+        appender, self._final_handle = self._final_handle, None
+        if appender is not None:
+            appender.close(discard)
+
+    def __enter__(self) -> "TensorStore":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(discard=exc_type is not None)
+
+
+WRITE_BEHIND_BYTES = 256 << 20
+"""Most bytes an :class:`Appender` holds queued (one larger array is let through alone)."""
+_APPENDERS: dict[str, "Appender"] = {}
+"""The open appender of each file path (as :class:`FileValues` spells it), so that a read waits for its writes."""
+
+
+class Appender:
+    """Appends arrays to one file from a background thread, in the order given, at offsets decided at once.
+
+    Writing a folded weight is I/O (the page cache, throttled to the disk's pace once enough is dirty),
+    folding the next one is BLAS: a thread that writes while the next weight folds overlaps the two. At most
+    :data:`WRITE_BEHIND_BYTES` wait in the queue (:meth:`append` blocks beyond that), so memory stays
+    bounded. A write error is raised, as one line naming the file, by the next :meth:`append`,
+    :meth:`drain` or :meth:`close`.
+    """
+
+    def __init__(self, path: Path, limit: int = WRITE_BEHIND_BYTES) -> None:
+        self.path, self.limit = Path(path), int(limit)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "ab")
+        self.end = self._handle.seek(0, os.SEEK_END)
+        self._queue: deque[tuple[int, np.ndarray]] = deque()
+        self._queued = 0  # bytes queued or being written
+        self._busy = False  # a write is under way
+        self._error: OSError | None = None
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="eecompile-writer", daemon=True)
+        self._thread.start()
+        _APPENDERS[str(self.path)] = self
+
+    def append(self, array: np.ndarray, aligned: bool = False) -> int:
+        """Queue ``array`` (C order) for writing at the end; returns its offset (aligned to :data:`ALIGN`)."""
+        pad = (-self.end) % ALIGN if aligned else 0
+        offset = self.end + pad
+        with self._cond:
+            while self._queued and self._queued + array.nbytes > self.limit and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append((pad, array))
+            self._queued += array.nbytes
+            self._cond.notify_all()
+        self.end = offset + array.nbytes
+        return offset
+
+    def drain(self) -> None:
+        """Wait until every queued array is in the file."""
+        with self._cond:
+            while (self._queue or self._busy) and self._error is None:
+                self._cond.wait()
+            self._raise()
+
+    def close(self, discard: bool = False) -> None:
+        """Write what is queued (``discard``: drop it), stop the thread and close the file."""
+        with self._cond:
+            if discard:
+                self._queued -= sum(array.nbytes for _, array in self._queue)
+                self._queue.clear()
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+        if _APPENDERS.get(str(self.path)) is self:
+            del _APPENDERS[str(self.path)]
+        self._handle.close()
+        if not discard:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            from eecompile.staging import writing
+
+            with writing(self.path):  # one line naming the file and the cause
+                raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                pad, array = self._queue.popleft()
+                self._busy = True
+            try:
+                if pad:
+                    self._handle.write(b"\0" * pad)
+                _write(self._handle, array)  # the GIL is released while the bytes go to the file
+            except OSError as exc:
+                with self._cond:
+                    self._error = exc
+                    self._queue.clear()
+                    self._queued, self._busy = 0, False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._queued = max(0, self._queued - array.nbytes)
+                self._busy = False
+                self._cond.notify_all()
 
 
 def _write(handle, array: np.ndarray) -> None:
     """Raw little-endian C-order bytes of ``array`` at the handle's position, flushed."""
-    array.astype(array.dtype.newbyteorder("<"), copy=False).tofile(handle)
+    little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    handle.write(little.reshape(-1).view(np.uint8).data)
     handle.flush()
 
 
