@@ -9,7 +9,13 @@ once. Compile time is reported as a ratio to that floor and peak RSS against the
 bound is 2 x largest + 1 GiB). The latency columns time the encrypted vs the plaintext model side by
 side in one ONNX Runtime process (interleaved, warm).
 
-    python benchmarks/scale_sweep.py [--points 10M,50M,200M,1B,8Bfp16] [--workdir DIR] [--no-latency]
+    python benchmarks/scale_sweep.py [--points 10M,50M,200M,1B,200M-folded,1B-folded,8Bfp16] [--workdir DIR]
+                                     [--no-latency]
+
+The plain points are exported with ``do_constant_folding=False``: every linear weight stays as trained,
+``[out, in]``, behind a Transpose node (which the compile folds in memory order and ONNX Runtime folds when
+it builds the original's sessions for verification). ``200M-folded`` / ``1B-folded`` are the same models
+exported with the exporter's default constant folding (weights stored ``[in, out]``, no Transpose).
 
 ``8Bfp16`` is two decoder layers, the embedding and the LM head of Llama-3-8B's shapes (hidden 4096,
 MLP 14336, vocabulary 128256) in float16 (its largest tensors, 1 GiB each), compiled without
@@ -41,6 +47,8 @@ CONFIGS = {
     "8Bfp16": dict(vocab_size=128256, hidden=4096, layers=2, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
                    dtype="float16"),
 }
+for _name in ("200M", "1B"):  # the same models exported with torch.onnx.export's default constant folding
+    CONFIGS[f"{_name}-folded"] = dict(CONFIGS[_name], fold_constants=True)
 NO_VERIFY = {"8Bfp16"}
 CHECK_PHASES = ("verify", "exposure")
 """Phases that check the compiled model (ONNX Runtime sessions); the others are the compile proper ("core")."""
@@ -57,6 +65,7 @@ def export(name: str, workdir: Path) -> tuple[Path, int]:
     target = workdir / name / "model.onnx"
     cfg = {**CONFIGS[name], **COMMON}
     dtype = cfg.pop("dtype", "float32")
+    fold_constants = cfg.pop("fold_constants", False)
     if target.exists():
         return target, _params(target)
     torch.manual_seed(0)
@@ -71,7 +80,7 @@ def export(name: str, workdir: Path) -> tuple[Path, int]:
     in_names, out_names = llama_io_names(cfg["layers"])
     torch.onnx.export(model, llama_example_inputs(cfg, batch=1, seq=2, past=1), str(target), dynamo=False,
                       opset_version=17, input_names=in_names, output_names=out_names,
-                      dynamic_axes=llama_dynamic_axes(cfg["layers"]), do_constant_folding=False,
+                      dynamic_axes=llama_dynamic_axes(cfg["layers"]), do_constant_folding=fold_constants,
                       external_data=True)
     del model
     return target, params
