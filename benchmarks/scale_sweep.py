@@ -144,11 +144,11 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
     import logging
 
     from eecompile import compile_model
-    from eecompile.passes import context
+    from eecompile.passes import weight_fold
     from eecompile.passes.basis import Basis
 
     products: list[tuple[int, int, int]] = []  # (m, k, n): one (m x k) @ (k x n) float64 product each
-    dense_product, basis_right = context.dense_product, Basis.right
+    dense_product, basis_right = weight_fold.dense_product, Basis.right
 
     def recording_product(a, b, out=None):
         products.append((int(np.prod(a.shape[:-1])), int(a.shape[-1]), int(b.shape[-1])))
@@ -159,7 +159,7 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
             products.append((int(np.size(array)) // self.size, self.size, self.size))
         return basis_right(self, array, axis)
 
-    context.dense_product, Basis.right = recording_product, recording_right
+    weight_fold.dense_product, Basis.right = recording_product, recording_right
     phases: dict[str, dict] = {}
 
     class Phases(logging.Handler):
@@ -175,7 +175,7 @@ def child(model: Path, out: Path, key: Path, verify: bool) -> dict:
     result = compile_model(str(model), str(key), str(out), force=True, verify=verify, progress=False)
     seconds = time.perf_counter() - start
     peak = max([p["peak_rss_gib"] for p in phases.values()] + [_hwm_gib()])
-    context.dense_product, Basis.right = dense_product, basis_right
+    weight_fold.dense_product, Basis.right = dense_product, basis_right
     weights = _weights(model)
     floor_blas = blas_time(products)
     floor_io = io_time(model, out.parent / "io-floor.bin")

@@ -12,7 +12,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.analyze import Analysis
-from eecompile.passes.context import FoldContext, FoldScratch
+from eecompile.passes.context import FoldContext
+from eecompile.passes.weight_fold import FoldScratch
 from eecompile.passes.plan import Plan
 from eecompile.passes.rules import rule_for
 

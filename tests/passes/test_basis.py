@@ -154,7 +154,7 @@ def test_axis_basis_identity(rng):
 def test_axis_basis_with_moved_blocks_matches_its_matrix():
     """Block j of the result is block order[j] of the input times blocks[j]; inverse and dual agree with the
     dense matrix, FoldAxisBasis computes the same products."""
-    from eecompile.passes.context import FoldAxisBasis
+    from eecompile.passes.weight_fold import FoldAxisBasis
 
     rng = np.random.default_rng(3)
     blocks = tuple(Basis(2, dense=rng.standard_normal((2, 2)) + 2 * np.eye(2)) for _ in range(3)) + (Basis(3),)

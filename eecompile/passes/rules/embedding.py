@@ -9,7 +9,8 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from eecompile.passes.annotations import Annotation, IndexValues, Protected
-from eecompile.passes.context import AnalysisContext, FoldContext, fold_matrix
+from eecompile.passes.context import AnalysisContext, FoldContext
+from eecompile.passes.weight_fold import fold_matrix
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
 from eecompile.passes.spaces import BasisClass

@@ -13,7 +13,8 @@ import onnx_graphsurgeon as gs
 from eecompile.passes import constant_views, group_orders
 from eecompile.passes.annotations import Annotation, Protected
 from eecompile.passes.basis import AxisBasis
-from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis, fold_matrix
+from eecompile.passes.context import AnalysisContext, FoldContext, apply_on_axis
+from eecompile.passes.weight_fold import fold_matrix
 from eecompile.passes.rules import register
 from eecompile.passes.rules.base import OpRule
 from eecompile.passes.spaces import BasisClass

@@ -1,4 +1,4 @@
-"""The fold helpers' products equal the basis algebra's (:mod:`eecompile.passes.basis`)."""
+"""eecompile.passes.weight_fold: the fold helpers' products equal the basis algebra's (:mod:`eecompile.passes.basis`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from eecompile.passes.basis import AxisBasis, Basis
-from eecompile.passes.context import FoldAxisBasis, fold_matrix
+from eecompile.passes.weight_fold import FoldAxisBasis, fold_matrix
 from eecompile.passes.precision import BFLOAT16, store_as
 
 
@@ -96,7 +96,7 @@ def test_fold_matrix_holds_no_float64_copy_of_the_weight():
 def test_work_buffers_are_reused_inside_a_fold_scratch_and_never_returned():
     """Inside a FoldScratch the float64 chunks live in one buffer per slot, reused by the next fold; every result
     is its own array (a later fold does not overwrite an earlier result), equal to the fold without the pool."""
-    from eecompile.passes.context import FoldScratch
+    from eecompile.passes.weight_fold import FoldScratch
 
     rng = np.random.default_rng(4)
     rows = AxisBasis(_blocks(rng))
@@ -122,7 +122,7 @@ def test_work_buffers_are_reused_inside_a_fold_scratch_and_never_returned():
 def test_a_strided_result_is_written_in_row_blocks_exactly(dtype):
     """_store into the transpose of a C-order result (more rows than one block) writes every element, rounded
     once."""
-    from eecompile.passes.context import STORE_ROWS, _store
+    from eecompile.passes.weight_fold import STORE_ROWS, _store
 
     rng = np.random.default_rng(5)
     result = np.zeros((50, 3 * STORE_ROWS + 5), dtype)
