@@ -130,17 +130,23 @@ class AxisBasis:
         return [(slice(int(offsets[j]), int(offsets[j + 1])), slice(int(offsets[i]), int(offsets[i + 1])), block)
                 for j, (i, block) in enumerate(zip(order, self.blocks))]
 
-    def right(self, array: np.ndarray, axis: int = -1) -> np.ndarray:
-        """``array @ T`` along ``axis`` (block ``j`` of the result: block ``order[j]`` times ``blocks[j]``); a
-        size-1 axis is broadcast first."""
+    def operand(self, array: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+        """``(array, axis)`` as :meth:`right` multiplies them: float64, ``axis`` non-negative, a size-1 axis
+        broadcast to the basis' size."""
         array = np.asarray(array, dtype=np.float64)
         axis = axis % array.ndim
-        if self.is_identity:
-            return array
         if array.shape[axis] != self.size:
             shape = list(array.shape)
             shape[axis] = self.size
             array = np.broadcast_to(array, shape)
+        return array, axis
+
+    def right(self, array: np.ndarray, axis: int = -1) -> np.ndarray:
+        """``array @ T`` along ``axis`` (block ``j`` of the result: block ``order[j]`` times ``blocks[j]``); a
+        size-1 axis is broadcast first."""
+        if self.is_identity:
+            return np.asarray(array, dtype=np.float64)
+        array, axis = self.operand(array, axis)
         parts = []
         for _, source, block in self.sources():
             index = [slice(None)] * array.ndim

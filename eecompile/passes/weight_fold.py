@@ -24,14 +24,9 @@ class FoldAxisBasis(AxisBasis):
 
     def right(self, array: np.ndarray, axis: int = -1) -> np.ndarray:
         """``array @ blockdiag(blocks)`` along ``axis`` (float64); a size-1 axis is broadcast first."""
-        array = np.asarray(array, dtype=np.float64)
-        axis = axis % array.ndim
         if self.is_identity:
-            return array
-        if array.shape[axis] != self.size:
-            shape = list(array.shape)
-            shape[axis] = self.size
-            array = np.broadcast_to(array, shape)
+            return np.asarray(array, dtype=np.float64)
+        array, axis = self.operand(array, axis)
         if len(self.blocks) == 1:
             return block_right(self.blocks[0], array, axis)
         out = np.empty(array.shape, np.float64)
