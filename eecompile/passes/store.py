@@ -254,9 +254,8 @@ class TensorStore:
         self.close(discard=exc_type is not None)
 
 
-WRITE_BEHIND_DEPTH = 1
-"""Arrays an :class:`Appender` holds waiting besides the one it is writing: memory for the write-behind is at
-most (this + 1) x the largest tensor, whatever the model's size."""
+WRITE_BEHIND_MIN_BYTES = 16 << 20
+"""Bytes an :class:`Appender` may hold before any large array came (its limit then grows with the arrays)."""
 _APPENDERS: dict[str, "Appender"] = {}
 """The open appender of each file path (as :class:`FileValues` spells it), so that a read waits for its writes."""
 
@@ -265,18 +264,21 @@ class Appender:
     """Appends arrays to one file from a background thread, in the order given, at offsets decided at once.
 
     Writing a folded weight is I/O (the page cache, throttled to the disk's pace once enough is dirty),
-    folding the next one is BLAS: a thread that writes while the next weight folds overlaps the two. At most
-    ``depth`` arrays (:data:`WRITE_BEHIND_DEPTH`) wait besides the one being written (:meth:`append` blocks
-    beyond that), so memory stays bounded by the largest tensors, not the model. A write error is raised, as one line naming the file, by the next :meth:`append`,
-    :meth:`drain` or :meth:`close`.
+    folding the next one is BLAS: a thread that writes while the next weight folds overlaps the two. What it
+    holds (queued and being written) stays within the largest array it was given (or
+    :data:`WRITE_BEHIND_MIN_BYTES`); :meth:`append` blocks beyond that. So the write-behind costs one tensor's
+    memory, the largest, whatever the model's size, and many small weights can still queue behind a slow disk.
+    A write error is raised, as one line naming the file, by the next :meth:`append`, :meth:`drain` or
+    :meth:`close`.
     """
 
-    def __init__(self, path: Path, depth: int = WRITE_BEHIND_DEPTH) -> None:
-        self.path, self.depth = Path(path), max(1, int(depth))
+    def __init__(self, path: Path, limit: int = WRITE_BEHIND_MIN_BYTES) -> None:
+        self.path, self.limit = Path(path), int(limit)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "ab")
         self.end = self._handle.seek(0, os.SEEK_END)
         self._queue: deque[tuple[int, np.ndarray]] = deque()
+        self._queued = 0  # bytes queued or being written
         self._busy = False  # a write is under way
         self._error: OSError | None = None
         self._stopping = False
@@ -290,10 +292,12 @@ class Appender:
         pad = (-self.end) % ALIGN if aligned else 0
         offset = self.end + pad
         with self._cond:
-            while len(self._queue) >= self.depth and self._error is None:
+            self.limit = max(self.limit, array.nbytes)  # the largest array so far bounds what waits
+            while self._queued and self._queued + array.nbytes > self.limit and self._error is None:
                 self._cond.wait()
             self._raise()
             self._queue.append((pad, array))
+            self._queued += array.nbytes
             self._cond.notify_all()
         self.end = offset + array.nbytes
         return offset
@@ -309,6 +313,7 @@ class Appender:
         """Write what is queued (``discard``: drop it), stop the thread and close the file."""
         with self._cond:
             if discard:
+                self._queued -= sum(array.nbytes for _, array in self._queue)
                 self._queue.clear()
             self._stopping = True
             self._cond.notify_all()
@@ -343,10 +348,11 @@ class Appender:
                 with self._cond:
                     self._error = exc
                     self._queue.clear()
-                    self._busy = False
+                    self._queued, self._busy = 0, False
                     self._cond.notify_all()
                 return
             with self._cond:
+                self._queued = max(0, self._queued - array.nbytes)
                 self._busy = False
                 self._cond.notify_all()
 

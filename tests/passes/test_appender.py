@@ -28,9 +28,8 @@ def test_queued_tensors_land_at_their_offsets_and_read_back(tmp_path):
         np.testing.assert_array_equal(data[v.offset:v.offset + a.nbytes].view(np.float32), a)
 
 
-def test_the_queue_never_holds_more_than_its_depth(tmp_path, monkeypatch):
-    """While the disk is slow, ``append`` blocks: besides the array being written, at most ``depth`` wait in memory,
-    however many the caller has."""
+def test_the_queue_never_holds_more_than_its_limit(tmp_path, monkeypatch):
+    """While the disk is slow, ``append`` blocks: at most ``limit`` bytes (or one larger array) wait in memory."""
     gate = threading.Event()
     written = []
     real_write = store._write
@@ -41,20 +40,20 @@ def test_the_queue_never_holds_more_than_its_depth(tmp_path, monkeypatch):
         real_write(handle, array)
 
     monkeypatch.setattr(store, "_write", slow)
-    appender = Appender(tmp_path / "d.bin", depth=1)
-    waiting = []
+    appender = Appender(tmp_path / "d.bin", limit=3 << 10)
+    peaks = []
     done = threading.Event()
 
     def produce():
         for _ in range(6):
             appender.append(np.zeros(256, np.float32))  # 1 KiB each
-            waiting.append(len(appender._queue))
+            peaks.append(appender._queued)
         done.set()
 
     producer = threading.Thread(target=produce)
     producer.start()
-    assert not done.wait(0.3), "six appends through a queue of one must block while nothing is written"
-    assert len(waiting) <= 2 and max(waiting) <= 1  # one being written, one waiting
+    assert not done.wait(0.3), "appending six KiB through a 3 KiB queue must block while nothing is written"
+    assert max(peaks) <= 3 << 10
     gate.set()
     producer.join(5)
     appender.close()
@@ -78,7 +77,7 @@ def test_discarding_drops_what_is_queued_and_stops_the_thread(tmp_path, monkeypa
     gate = threading.Event()
     real_write = store._write
     monkeypatch.setattr(store, "_write", lambda h, a: (gate.wait(5), real_write(h, a)))
-    appender = Appender(tmp_path / "d.bin", depth=3)  # room for all three: nothing blocks before the discard
+    appender = Appender(tmp_path / "d.bin")
     for _ in range(3):
         appender.append(np.ones(1024, np.float32))
     closing = threading.Thread(target=appender.close, kwargs={"discard": True})
@@ -88,3 +87,16 @@ def test_discarding_drops_what_is_queued_and_stops_the_thread(tmp_path, monkeypa
     assert not closing.is_alive() and not appender._thread.is_alive()
     assert (tmp_path / "d.bin").stat().st_size <= 4096  # at most the one write already under way
     assert str(tmp_path / "d.bin") not in store._APPENDERS
+
+
+def test_the_limit_grows_to_the_largest_array(tmp_path, monkeypatch):
+    """A weight larger than the queue's bytes is let through alone, and from then on as much may wait."""
+    gate = threading.Event()
+    real_write = store._write
+    monkeypatch.setattr(store, "_write", lambda h, a: (gate.wait(5), real_write(h, a)))
+    appender = Appender(tmp_path / "d.bin", limit=1 << 10)
+    appender.append(np.zeros(1024, np.float32))  # 4 KiB: above the 1 KiB limit, let through alone
+    assert appender.limit == 4 << 10
+    gate.set()
+    appender.close()
+    assert (tmp_path / "d.bin").stat().st_size == 4 << 10
