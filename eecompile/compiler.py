@@ -306,7 +306,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
                   options: CompileOptions = CompileOptions(), progress: bool | None = None) -> CompileResult:
     with staging.Staging(out.resolve(), staging.OUT_PREFIX, "compile") as work, FrozenHeap() as heap, \
             TensorStore(work.path / "scratch.bin") as store:  # a failed compile drops the writes still queued
-        scratch = work.path / "scratch.bin"
+        scratch = store.scratch
         new = work.path / staging.NEW
         with _phase("analyse"):
             mg, analysis, normalized = _analysed(model_path, store, options)

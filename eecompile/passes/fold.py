@@ -13,9 +13,9 @@ import onnx_graphsurgeon as gs
 
 from eecompile.passes.analyze import Analysis
 from eecompile.passes.context import FoldContext
-from eecompile.passes.weight_fold import FoldScratch
 from eecompile.passes.plan import Plan
 from eecompile.passes.rules import rule_for
+from eecompile.passes.weight_fold import FoldScratch
 
 
 def fold(analysis: Analysis, plan: Plan, progress: bool | None = False) -> FoldContext:

@@ -352,7 +352,7 @@ class Appender:
                     self._cond.notify_all()
                 return
             with self._cond:
-                self._queued = max(0, self._queued - array.nbytes)
+                self._queued -= array.nbytes  # a discard subtracted only what had not started
                 self._busy = False
                 self._cond.notify_all()
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from eecompile.passes.basis import AxisBasis, Basis
-from eecompile.passes.weight_fold import FoldAxisBasis, fold_matrix
 from eecompile.passes.precision import BFLOAT16, store_as
+from eecompile.passes.weight_fold import FoldAxisBasis, fold_matrix
 
 
 def _blocks(rng):
