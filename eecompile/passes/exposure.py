@@ -163,12 +163,15 @@ def _session(model: onnx.ModelProto, folder: Path, names: list[str]):
 
     from eecompile.passes import segments
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph says
-    options.log_severity_level = 4
+    def unoptimised():
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # values as the graph says
+        options.log_severity_level = 4
+        return options
+
     if segments.piecewise(model):  # cut where the model's own graph says (before fetches are added)
-        return segments.SegmentedSession(model, folder, options)
-    return in_place_session(_with_outputs(model, names), folder, options)
+        return segments.SegmentedSession(model, folder, unoptimised)
+    return in_place_session(_with_outputs(model, names), folder, unoptimised())
 
 
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:

@@ -152,12 +152,17 @@ def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
 class SegmentedSession:
     """An ``InferenceSession``-like runner of a model (a structure, weights in their files) in segments.
 
-    ``folder`` is where the weights' files are (as for :func:`~eecompile.passes.store.in_place_session`);
-    ``options`` (an ``onnxruntime.SessionOptions``) is used for every segment's session.
+    ``folder`` is where the weights' files are (as for :func:`~eecompile.passes.store.in_place_session`).
+    ``options`` is an ``onnxruntime.SessionOptions`` used for every segment's session, or a function making
+    a fresh one for each: then the Transposes of large weights are applied before each segment's session is
+    built (:mod:`eecompile.passes.transposed_weights`; their values are handed over in memory, which needs
+    options of the segment's own).
     """
 
     def __init__(self, model: onnx.ModelProto, folder: str | Path, options=None, budget: int | None = None,
                  ranges: list[tuple[int, int]] | None = None) -> None:
+        from eecompile.passes.transposed_weights import TransposedWeights
+
         self.model = model
         self.folder = Path(folder)
         self.options = options
@@ -167,6 +172,11 @@ class SegmentedSession:
         self._inputs = _args([i for i in graph.input if i.name not in inits])
         self._outputs = _args(list(graph.output))
         self._init = {t.name: t for t in graph.initializer}
+        self._ahead = TransposedWeights(model, self.folder) if options is None or callable(options) else None
+        for name in self._ahead.sources if self._ahead else ():
+            self._init[name] = self._ahead.declaration(name)  # a weight from now on, its node left out
+        self._kept = [not (self._ahead and self._ahead.applied(node)) for node in graph.node]
+        self._handed: list = []  # the OrtValues of the weights handed to the segment being run
         self._reads = [node_inputs(node) for node in graph.node]
         self._last: dict[str, int] = {}
         for i, reads in enumerate(self._reads):
@@ -181,11 +191,26 @@ class SegmentedSession:
         """The model's outputs."""
         return self._outputs
 
+    def _nodes(self, start: int, stop: int) -> list[onnx.NodeProto]:
+        """The nodes a segment runs (a Transpose applied ahead is not one of them)."""
+        return [n for i, n in enumerate(self.model.graph.node[start:stop], start) if self._kept[i]]
+
+    def _options(self, ahead: dict[str, np.ndarray]):
+        """The session options of a segment whose weights ``ahead`` come in memory (kept in ``_handed`` until
+        the segment's session is released: ONNX Runtime holds a pointer to them, not a reference)."""
+        import onnxruntime as ort
+
+        options = self.options() if callable(self.options) else self.options or ort.SessionOptions()
+        self._handed = [ort.OrtValue.ortvalue_from_numpy(values) for values in ahead.values()]
+        for name, value in zip(ahead, self._handed):  # used in place: these (and their buffers) outlive the session
+            options.add_initializer(name, value)
+        return options
+
     def _segment(self, start: int, stop: int, feeds: dict, wanted: list[str]) -> onnx.ModelProto:
         graph = self.model.graph
-        nodes = list(graph.node[start:stop])
+        nodes = self._nodes(start, stop)
         made = {o for node in nodes for o in node.output if o}
-        reads = {r for rs in self._reads[start:stop] for r in rs}
+        reads = {r for i, rs in enumerate(self._reads[start:stop], start) if self._kept[i] for r in rs}
         inputs = sorted(r for r in reads if r not in made and r not in self._init)
         missing = [r for r in inputs if r not in feeds]
         if missing:
@@ -229,12 +254,16 @@ class SegmentedSession:
         runs = [dict(f) for f in feeds_list]
         given = [set(f) for f in feeds_list]
         for start, stop in self.ranges:
-            made = [o for node in self.model.graph.node[start:stop] for o in node.output if o]
+            made = [o for node in self._nodes(start, stop) for o in node.output if o]
             wanted = [o for o in dict.fromkeys(made)
                       if o in wanted_all or o in graph_outputs or self._last.get(o, -1) >= stop]
             if not wanted or not runs:
                 continue
-            session = in_place_session(self._segment(start, stop, runs[0], wanted), self.folder, self.options)
+            segment = self._segment(start, stop, runs[0], wanted)
+            ahead = [t.name for t in segment.graph.initializer if self._ahead and self._ahead.handed(t)]
+            options = self._options(dict(zip(ahead, self._ahead.values(ahead))) if ahead else {})
+            session = in_place_session(segment, self.folder, options)
+            del segment, options  # the session holds what it needs (the weights handed over among it)
             inputs = [i.name for i in session.get_inputs()]
             for j, (values, fed) in enumerate(zip(runs, given)):
                 for name in inputs:
@@ -252,8 +281,13 @@ class SegmentedSession:
                 for name in [k for k in values if k not in fed and k not in wanted_all
                              and k not in graph_outputs and self._last.get(k, -1) < stop]:
                     del values[name]  # read by no later segment
-            del session
+            del session  # before the next segment refills the buffers its weights came from
+            self._handed = []
             release_memory()
+        for name in wanted_all & set(self._ahead.sources if self._ahead else ()):  # a fetched weight Transpose
+            value = np.array(self._ahead.values([name])[0], copy=True)
+            for values in runs:
+                values[name] = value
         return [[values[n] for n in names] for values in runs]
 
 

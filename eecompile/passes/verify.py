@@ -662,8 +662,12 @@ def _verification_session(path: str | Path):
 
     from eecompile.passes.store import in_place_session, load_structure
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # shapes that do not fit are expected while probing: no error logs
+    def quiet_options():
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # shapes that do not fit are expected while probing: no error logs
+        return options
+
+    options = quiet_options()
     model = load_structure(path)  # the graph only: ONNX Runtime reads the weights in place from their files
     changed = 0
     for node in model.graph.node:
@@ -676,7 +680,7 @@ def _verification_session(path: str | Path):
 
     if segments.piecewise(model) and not has_bfloat16(model):
         # one segment's weights in memory at a time (the graph cut between layers), not the whole model's
-        return segments.SegmentedSession(model, Path(path).parent, options), changed
+        return segments.SegmentedSession(model, Path(path).parent, quiet_options), changed
     try:
         return in_place_session(model, Path(path).parent, options), changed
     except Exception as exc:  # ORT raises its own exception types
