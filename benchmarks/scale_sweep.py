@@ -315,8 +315,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
         if not args.keep:
             shutil.rmtree(workdir / name, ignore_errors=True)
-    write_results(rows)
+    write_results(merged_rows(rows))
     return 0
+
+
+def merged_rows(rows: list[dict]) -> list[dict]:
+    """The recorded rows (benchmarks/results/scale_sweep.json) with this run's replacing those of the same points,
+    in the recorded order, new points last: a run of some points keeps the others' last measurement."""
+    try:
+        recorded = json.loads((RESULTS / "scale_sweep.json").read_text())
+    except (OSError, ValueError):
+        recorded = []
+    fresh = {r["point"]: r for r in rows}
+    merged = [fresh.pop(r["point"], r) for r in recorded if isinstance(r, dict) and "point" in r]
+    return merged + [r for r in rows if r["point"] in fresh]
 
 
 def _weights(model: Path) -> list[tuple[tuple[int, ...], np.dtype]]:
