@@ -34,8 +34,8 @@ from eecompile.passes.rebase import analyze_with_policy
 from eecompile.passes.verify import (DEFAULT_TOLERANCE, CannotVerify, VerifyResult, check_structure, state_transforms,
                                      verify_equivalence)
 from eecompile.report import build_report, exposure_warnings, render_markdown
-from eecompile.passes.store import (ALIGN, INLINE_BYTES, FileValues, FrozenHeap, TensorStore, WarmHeap,
-                                    model_bytes, release_memory)
+from eecompile.passes.store import (ALIGN, INLINE_BYTES, FileValues, FrozenHeap, TensorStore, model_bytes,
+                                    release_memory)
 from eecompile.runtime.client import Client
 
 ARTIFACTS = ("server", "client", "report.json", "report.md")
@@ -319,8 +319,7 @@ def _compile_into(model_path: str | Path, key: MasterKey, out: Path, verify: boo
         state = state_transforms(analysis, bases) if verify else {}  # in memory only, to verify a non-empty cache
         store.open_final(new / "server" / DATA_FILE, DATA_FILE)  # folded weights are final: written once, there
         with _phase("fold"):
-            with WarmHeap():  # a freed weight's pages serve the next weight's (returned on exit)
-                fold(analysis, bases, progress)
+            fold(analysis, bases, progress)
             release_memory(size)
         _record_context(mg, model_path)
         staging.fault_point("emit")

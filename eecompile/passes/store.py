@@ -558,50 +558,6 @@ class FrozenHeap:
             self.frozen = False
 
 
-class WarmHeap:
-    """Within the ``with`` block, freed memory stays with the process to be reused, instead of going back to the
-    system at each ``free``.
-
-    glibc serves an allocation above its mmap threshold (at most 32 MiB) with fresh pages and unmaps them on
-    ``free``. On a virtual machine that hands freed pages back to its host (free page reporting, within about a
-    second here) a page touched again is faulted in by the guest and by the host: about 2.5 ms per MiB
-    measured on this class of machine, against 0.04 ms for memory the process reuses. A fold allocates each
-    weight it reads, each gain-scaled copy and each result afresh. Here ``mallopt`` turns mmap off (every block
-    comes from the heap) and the automatic trim with it, so a freed weight's pages serve the next one; on exit
-    both go back to glibc's defaults and :func:`release_memory` returns what the block freed. A no-op where the
-    C library has no ``mallopt``. Measured on the 1B-folded sweep point (fold only): reading, deriving and
-    storing the weights took 4.4 and 6.9 s inside the block against 17.9, 18.9 and 19.9 s without (a third run
-    inside it, the first after the page cache had lost the model, took 28 s reading from disk); the fold's wall
-    time moved within its run-to-run spread (about 5 s); peak RSS 1.07 GiB against 0.96.
-    """
-
-    _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-    _DEFAULTS = {_M_TRIM_THRESHOLD: 128 << 10, _M_MMAP_MAX: 65536}  # glibc's (malloc/malloc.c)
-    _HELD = {_M_TRIM_THRESHOLD: (1 << 31) - 1, _M_MMAP_MAX: 0}
-
-    def __init__(self) -> None:
-        self._libc = None
-
-    def __enter__(self) -> "WarmHeap":
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            if [libc.mallopt(k, v) for k, v in self._HELD.items()].count(1):
-                self._libc = libc  # restored on exit, whichever took
-        except (OSError, AttributeError):
-            self._libc = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._libc is not None:
-            for key, value in self._DEFAULTS.items():
-                self._libc.mallopt(key, value)
-            self._libc = None
-            release_memory()
-
-
 def release_memory(released: int | None = None) -> None:
     """Hand memory freed by a released session (or a folded weight) back to the system.
 

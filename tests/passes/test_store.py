@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import onnx
 import pytest
@@ -181,38 +179,3 @@ def test_frozen_heap_skips_what_was_alive_and_still_collects_new_cycles():
         gc.collect()
         assert alive() is None  # garbage made after the freeze is still found
     assert gc.get_freeze_count() == 0
-
-
-def _resident_bytes() -> int:
-    import os
-
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_warm_heap_keeps_freed_memory_for_reuse_and_returns_it_on_exit():
-    """Inside the block a freed 64 MiB array stays resident and serves the next one; after it the memory goes
-    back and glibc's defaults hold again (a large array freed outside is unmapped at once)."""
-    from eecompile.passes.store import WarmHeap
-
-    size, slack = 64 << 20, 16 << 20
-
-    def returned_when_freed() -> int:
-        block = np.ones(size, np.uint8)
-        held = _resident_bytes()
-        del block
-        return held - _resident_bytes()
-
-    assert returned_when_freed() > size - slack  # glibc's default: above the mmap threshold, unmapped on free
-    with WarmHeap():
-        block = np.ones(size, np.uint8)
-        held = _resident_bytes()
-        del block
-        kept = _resident_bytes()
-        assert held - kept < slack  # freed, but still the process's
-        block = np.ones(size, np.uint8)
-        assert _resident_bytes() - kept < slack  # the same pages serve the next array
-        del block
-    assert kept - _resident_bytes() > size - slack  # returned on exit
-    assert returned_when_freed() > size - slack  # and the defaults are back
